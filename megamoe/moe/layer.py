@@ -1,0 +1,109 @@
+"""MoELayer = router + dispatcher + grouped experts.
+
+The router's aux and z losses do not travel through the model's return values: an autograd function
+attaches their gradient to the layer output (Megatron's MoEAuxLossAutoScaler idea), so every pipeline
+stage contributes its routers' losses to backward without plumbing, and a per-model
+:class:`MoEStats` collects detached values for logging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from megamoe.config import MoEConfig
+from megamoe.model.init import tag
+from megamoe.moe.dispatcher import ExpertPlacement, permute, unpermute
+from megamoe.moe.experts import GroupedExperts
+from megamoe.moe.router import expert_capacity, route
+
+
+@dataclass
+class MoEStats:
+    """Per-model accumulator, reset by the training step.
+
+    grad_scale: multiplies the router-loss gradient (1 / number of micro-batches per step).
+    aux/z: sums of per-layer loss values; calls: number of (layer, micro-batch) evaluations;
+    tokens_per_expert: summed assignment counts per MoE layer (load imbalance metric).
+    """
+
+    grad_scale: float = 1.0
+    aux: float = 0.0
+    z: float = 0.0
+    calls: int = 0
+    tokens_per_expert: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def reset(self, grad_scale: float = 1.0) -> None:
+        self.grad_scale, self.aux, self.z, self.calls = grad_scale, 0.0, 0.0, 0
+        self.tokens_per_expert = {}
+
+    def record(self, layer: int, aux: torch.Tensor, z: torch.Tensor, counts: torch.Tensor) -> None:
+        self.aux += float(aux)
+        self.z += float(z)
+        self.calls += 1
+        prev = self.tokens_per_expert.get(layer)
+        self.tokens_per_expert[layer] = counts if prev is None else prev + counts
+
+    def imbalance(self) -> float:
+        """max over layers of (max expert load / mean expert load); 1.0 is perfect balance."""
+        vals = [float(c.max()) / max(float(c.float().mean()), 1e-9)
+                for c in self.tokens_per_expert.values()]
+        return max(vals) if vals else 0.0
+
+
+class _AttachRouterLoss(torch.autograd.Function):
+    """forward: return ``out`` unchanged; backward: pass grad to ``out`` and send ``scale`` as the
+    gradient of ``loss`` (so d total / d loss = coefficient / micro-batches without adding it)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.loss_meta = (loss.shape, loss.dtype, loss.device)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        shape, dtype, device = ctx.loss_meta
+        return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
+class MoELayer(nn.Module):
+    """Token-choice top-k MoE. Parameters use HF OpenMoE names: gate_weight [E, H], experts.*."""
+
+    def __init__(self, layer: int, hidden: int, ffn: int, moe: MoEConfig, std: float,
+                 out_std: float, stats: MoEStats, placement: ExpertPlacement | None = None,
+                 ep_rank: int = 0) -> None:
+        super().__init__()
+        self.layer, self.cfg, self.stats = layer, moe, stats
+        self.placement = placement or ExpertPlacement.contiguous(moe.num_experts)
+        # Router gate kept in fp32 (as trained): routing decisions are precision-sensitive.
+        self.gate_weight = tag(nn.Parameter(torch.empty(moe.num_experts, hidden)),
+                               std=moe.router_init_std)
+        self.experts = GroupedExperts(hidden, ffn, self.placement.local_experts(ep_rank), std,
+                                      out_std, grouped=moe.grouped_gemm)
+
+    def capacity(self, tokens: int) -> int | None:
+        cf = self.cfg.capacity_factor
+        if not self.training and self.cfg.eval_capacity_factor is not None:
+            cf = self.cfg.eval_capacity_factor
+        if cf is None:
+            return None
+        return expert_capacity(cf, tokens, self.cfg.num_experts, self.cfg.min_capacity)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        xt = x.reshape(b * s, h)  # [T, H]
+        logits = xt.float() @ self.gate_weight.float().t()  # [T, E] fp32
+        routing = route(logits, self.cfg.router_topk, self.capacity(b * s))
+        rows, perm = permute(xt, routing, self.placement)  # [N, H]
+        y = self.experts(rows, perm.counts)
+        out = unpermute(y, perm, b * s).view(b, s, h)
+        self.stats.record(self.layer, routing.aux_loss.detach(), routing.z_loss.detach(),
+                          routing.tokens_per_expert.detach())
+        if self.training and torch.is_grad_enabled():
+            router_loss = (self.cfg.aux_loss_coeff * routing.aux_loss
+                           + self.cfg.z_loss_coeff * routing.z_loss)
+            out = _AttachRouterLoss.apply(out, router_loss, self.stats.grad_scale)
+        return out

@@ -1,0 +1,80 @@
+"""OpenMoE router math: fp32 gate, softmax over all experts, top-k, capacity, aux and z losses.
+
+Pure functions of the router logits, so they are testable by hand and identical under every layout.
+T = tokens in the routing group (the micro-batch), E = experts, k = top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Routing:
+    """Result of routing T tokens.
+
+    expert_ids: [T, k] int64 chosen experts (column 0 = top-1).
+    combine:    [T, k] fp32 combine weights: the un-renormalised softmax probability, 0 where dropped.
+    keep:       [T, k] bool, False for assignments dropped by the capacity limit.
+    tokens_per_expert: [E] int64 assignments per expert before dropping (load statistics).
+    aux_loss, z_loss: fp32 scalars (differentiable w.r.t. the logits).
+    """
+
+    expert_ids: torch.Tensor
+    combine: torch.Tensor
+    keep: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+
+def expert_capacity(capacity_factor: float, tokens: int, num_experts: int, min_capacity: int) -> int:
+    """OpenMoE/T5X: round(cf * tokens_per_group / E) -- no factor k -- and at least min_capacity."""
+    return max(int(round(capacity_factor * tokens / num_experts)), min_capacity)
+
+
+def load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """Switch/flaxformer loss: E^2 * mean_e(fraction_e * mean_prob_e).
+
+    probs: [T, E] softmax; expert_ids: [T, k]. fraction_e counts a token once if e is any of its k
+    choices (max over k), so the loss equals k when routing is perfectly balanced.
+    """
+    num_experts = probs.shape[-1]
+    chosen = torch.zeros_like(probs).scatter_(1, expert_ids, 1.0)  # [T, E] in {0, 1}
+    fraction = chosen.mean(0)  # [E], no gradient (as in flaxformer)
+    mean_prob = probs.mean(0)  # [E]
+    return (fraction * mean_prob).mean() * num_experts**2
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2. logits: [T, E] fp32."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def capacity_keep_mask(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Which assignments fit the expert buffers, filling all top-1 choices before any top-2 choice,
+    each round in token order (OpenMoE/T5X priority). expert_ids: [T, k] -> keep [T, k] bool."""
+    t, k = expert_ids.shape
+    # Priority order = k-major, then token: [k, T] flattened.
+    order = expert_ids.t().reshape(-1)  # [k*T]
+    onehot = torch.nn.functional.one_hot(order, num_experts)  # [k*T, E]
+    position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # slot taken in its expert's buffer
+    return (position < capacity).view(k, t).t()
+
+
+def route(logits: torch.Tensor, topk: int, capacity: int | None) -> Routing:
+    """Route tokens given fp32 logits [T, E]; ``capacity=None`` is dropless."""
+    num_experts = logits.shape[-1]
+    probs = torch.softmax(logits, dim=-1)  # [T, E] over ALL experts
+    top_probs, expert_ids = probs.topk(topk, dim=-1)  # [T, k], sorted: column 0 is top-1
+    if capacity is None:
+        keep = torch.ones_like(expert_ids, dtype=torch.bool)
+    else:
+        keep = capacity_keep_mask(expert_ids, num_experts, capacity)
+    combine = top_probs * keep  # un-renormalised, dropped -> 0
+    tokens_per_expert = torch.bincount(expert_ids.reshape(-1), minlength=num_experts)
+    return Routing(expert_ids=expert_ids, combine=combine, keep=keep,
+                   tokens_per_expert=tokens_per_expert,
+                   aux_loss=load_balancing_loss(probs, expert_ids), z_loss=router_z_loss(logits))

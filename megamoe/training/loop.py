@@ -1,0 +1,173 @@
+"""The training loop: micro-batch gradient accumulation, data-parallel gradient reduction, clipping,
+AdamW, LR schedule, evaluation, checkpoints and metrics.
+
+One step (no pipeline):
+  Forward/backward  each micro-batch of this DP rank, loss / micro-batches (router losses ride along
+                    through MoELayer's autograd hook with the same 1 / micro-batches scale)
+  Reduce            dense grads averaged over DP, expert grads over expert-DP
+  Update            global grad norm -> skip if non-finite, clip, lr(iteration), optimizer step
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megamoe.config import Config
+from megamoe.data.sampler import SampleDataset, micro_batches
+from megamoe.model.openmoe import OpenMoEModel
+from megamoe.parallel.mesh import ParallelMesh
+from megamoe.training.checkpoint import TrainState, save_checkpoint
+from megamoe.training.lr import learning_rate
+from megamoe.training.metrics import MetricsLogger, model_flops_per_token
+from megamoe.training.optim import clip_grads, local_grad_norm_sq
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    mesh: ParallelMesh
+    model: OpenMoEModel
+    optimizer: torch.optim.Optimizer
+    train_data: SampleDataset
+    valid_data: SampleDataset | None
+    logger: MetricsLogger
+    device: torch.device
+    peak_tflops: float
+    state: TrainState = field(default_factory=TrainState)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def num_micro_batches(self) -> int:
+        t = self.cfg.train
+        return t.global_batch_size // (t.micro_batch_size * self.mesh.dp)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.train.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _batches(self, dataset: SampleDataset, consumed: int):
+        t = self.cfg.train
+        for tokens, labels in micro_batches(dataset, consumed, t.global_batch_size,
+                                            t.micro_batch_size, self.mesh.dp_rank, self.mesh.dp):
+            yield tokens.to(self.device), labels.to(self.device)
+
+    def _dp_mean(self, values: list[float]) -> list[float]:
+        """Average scalars over the data-parallel group (logged losses are global ones)."""
+        if self.mesh.dp == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, group=self.mesh.groups["dp"])
+        return (t / self.mesh.dp).tolist()
+
+    def reduce_gradients(self) -> None:
+        """Average grads over replicas: expert weights over expert-DP, everything else over DP."""
+        for group_name, size, expert in (("dp", self.mesh.dp, False), ("edp", self.mesh.edp, True)):
+            if size == 1:
+                continue
+            grads = [p.grad for n, p in self.model.named_parameters()
+                     if p.grad is not None and (".experts." in n) == expert]
+            if not grads:
+                continue
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.mesh.groups[group_name])
+            flat /= size
+            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads),
+                                 strict=True):
+                g.copy_(synced)
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, model = self.cfg, self.model
+        iteration = self.state.iteration + 1
+        t0 = time.perf_counter()
+        model.train()
+        n_mb = self.num_micro_batches
+        model.moe_stats.reset(grad_scale=1.0 / n_mb)
+        # Forward/backward over this rank's micro-batches.
+        lm_total = 0.0
+        for tokens, labels in self._batches(self.train_data, self.state.consumed_samples):
+            with self._autocast():
+                loss = model.loss(tokens, labels)
+            (loss / n_mb).backward()
+            lm_total += float(loss.detach())
+        # Reduce, then update.
+        self.reduce_gradients()
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = float(local_grad_norm_sq(params).sqrt())
+        lr = learning_rate(cfg.train, iteration)
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            clip_grads(params, torch.tensor(grad_norm), cfg.train.clip_grad)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state = TrainState(iteration, self.state.consumed_samples + cfg.train.global_batch_size)
+        stats = model.moe_stats
+        calls = max(stats.calls, 1)
+        lm, aux, z = self._dp_mean([lm_total / n_mb, stats.aux / calls, stats.z / calls])
+        step_time = time.perf_counter() - t0
+        tokens = cfg.train.global_batch_size * cfg.model.seq_length
+        tflops = model_flops_per_token(cfg) * tokens / step_time / self.mesh.world_size / 1e12
+        return dict(iteration=iteration, consumed_samples=self.state.consumed_samples, lm_loss=lm,
+                    aux_loss=aux, z_loss=z, grad_norm=grad_norm, lr=lr, step_time=step_time,
+                    tokens_per_sec=tokens / step_time, tflops=tflops,
+                    mfu=tflops / self.peak_tflops if self.peak_tflops > 0 else 0.0,
+                    load_imbalance=stats.imbalance(), skipped=skipped)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean LM loss over --eval-iters global batches of the validation set."""
+        if self.valid_data is None or self.cfg.train.eval_iters == 0:
+            return None
+        self.model.eval()
+        losses = []
+        gbs = self.cfg.train.global_batch_size
+        for i in range(self.cfg.train.eval_iters):
+            for tokens, labels in self._batches(self.valid_data, i * gbs):
+                with self._autocast():
+                    losses.append(float(self.model.loss(tokens, labels)))
+        self.model.train()
+        return self._dp_mean([sum(losses) / len(losses)])[0]
+
+    def save(self) -> None:
+        if self.cfg.train.save:
+            save_checkpoint(self.cfg.train.save, self.state, self.model, self.optimizer, self.cfg,
+                            self.mesh.rank, self.mesh.world_size)
+            self.logger.info(f" saved checkpoint at iteration {self.state.iteration} to "
+                             f"{self.cfg.train.save}")
+
+    def train(self) -> list[dict[str, Any]]:
+        t = self.cfg.train
+        while self.state.iteration < t.train_iters:
+            rec = self.train_step()
+            self.history.append(rec)
+            self.logger.log_iteration(rec)
+            it = rec["iteration"]
+            if it % t.eval_interval == 0:
+                loss = self.evaluate()
+                if loss is not None:
+                    self.logger.log_eval(it, loss)
+            if t.save_interval and it % t.save_interval == 0:
+                self.save()
+        if t.save and (not t.save_interval or self.state.iteration % t.save_interval):
+            self.save()
+        return self.history
+
+
+def sync_params_check(model: nn.Module, mesh: ParallelMesh) -> None:
+    """Debug aid: assert parameters are identical across the DP group."""
+    if mesh.dp == 1:
+        return
+    flat = torch._utils._flatten_dense_tensors([p.detach() for p in model.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, src=mesh.members["dp"][0], group=mesh.groups["dp"])
+    assert torch.equal(ref, flat), "parameters diverged across data-parallel ranks"

@@ -1,0 +1,125 @@
+"""Compose a run: config -> launch/mesh -> model/optimizer/data -> resume -> Trainer.train().
+
+``pretrain_openmoe.py`` is a thin wrapper over :func:`main`; tests call :func:`pretrain` directly
+(inside already-initialised process groups) and compare the returned per-step records.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megamoe.arguments import parse_args
+from megamoe.config import Config, ConfigError
+from megamoe.data.errors import DataError
+from megamoe.data.mock import MockGPTDataset
+from megamoe.data.sampler import SampleDataset
+from megamoe.model.openmoe import OpenMoEModel, count_parameters
+from megamoe.parallel.mesh import ParallelMesh, build_mesh, detect_launch, init_distributed
+from megamoe.training.checkpoint import CheckpointError, load_checkpoint
+from megamoe.training.loop import Trainer
+from megamoe.training.metrics import MetricsLogger, measure_peak_tflops
+from megamoe.training.optim import build_optimizer
+
+
+def check_supported(cfg: Config) -> None:
+    """Layouts whose parallel feature has not landed yet fail loudly instead of training wrongly."""
+    p = cfg.parallel
+    for flag, value in (("--tensor-model-parallel-size", p.tensor_model_parallel_size),
+                        ("--pipeline-model-parallel-size", p.pipeline_model_parallel_size),
+                        ("--expert-model-parallel-size", p.expert_model_parallel_size),
+                        ("--expert-tensor-parallel-size", p.expert_tensor_parallel_size)):
+        if value != 1:
+            raise ConfigError(f"{flag} {value} is not supported yet (data parallelism only); "
+                              "set it to 1")
+
+
+def build_datasets(cfg: Config, mesh: ParallelMesh,
+                   ) -> tuple[Config, SampleDataset, SampleDataset | None]:
+    """Train/valid datasets; with a tokenizer, the model vocab follows the tokenizer's."""
+    t, m = cfg.train, cfg.model
+    n_train = t.train_iters * t.global_batch_size
+    n_valid = (t.train_iters // t.eval_interval + 1) * t.eval_iters * t.global_batch_size
+    if cfg.data.mock_data:
+        return (cfg, MockGPTDataset(m.seq_length, m.vocab_size, t.seed, n_train),
+                MockGPTDataset(m.seq_length, m.vocab_size, t.seed + 1, max(n_valid, 1)))
+    from megamoe.data import build_train_valid_test_datasets
+    from megamoe.data.tokenizer import build_tokenizer
+
+    if cfg.data.tokenizer_model is None:
+        raise ConfigError("--data-path needs --tokenizer-model (the SentencePiece .model used to "
+                          "preprocess it)")
+    tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    if tok.vocab_size != m.vocab_size:
+        import dataclasses
+
+        cfg = cfg.replace(model=dataclasses.replace(m, vocab_size=tok.vocab_size))
+    barrier = dist.barrier if mesh.world_size > 1 else (lambda: None)
+    train, valid, _ = build_train_valid_test_datasets(
+        list(cfg.data.data_path), cfg.data.split, cfg.model.seq_length, t.seed,
+        (n_train, n_valid, 0), cache_dir=cfg.data.data_cache_path,
+        vocab_size=tok.vocab_size, is_rank0=mesh.rank == 0, barrier=barrier)
+    if train is None:
+        raise ConfigError(f"--split {cfg.data.split} leaves no training documents")
+    return cfg, train, valid
+
+
+def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None,
+             ) -> list[dict[str, Any]]:
+    """Train as configured inside an existing mesh; returns the per-iteration records."""
+    device = device or torch.device("cpu")
+    cfg, train_data, valid_data = build_datasets(cfg, mesh)
+    cfg.validate(mesh.world_size)
+    check_supported(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = OpenMoEModel(cfg)
+    model.init_weights(cfg.train.seed)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg.train)
+    logger = MetricsLogger(cfg, enabled=mesh.rank == 0)
+    counts = count_parameters(cfg)
+    logger.info(f" > {mesh.describe()}")
+    logger.info(f" > parameters: {counts['total']:,} total, {counts['active']:,} active per token")
+    peak = cfg.train.peak_tflops or measure_peak_tflops(
+        device, torch.bfloat16 if cfg.train.bf16 and device.type == "cuda" else torch.float32)
+    trainer = Trainer(cfg, mesh, model, optimizer, train_data, valid_data, logger, device, peak)
+    if cfg.train.load:
+        state = load_checkpoint(cfg.train.load, model, optimizer, mesh.rank, mesh.world_size)
+        if state is not None:
+            trainer.state = state
+            logger.info(f" > resumed from {cfg.train.load} at iteration {state.iteration}")
+    try:
+        return trainer.train()
+    finally:
+        logger.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+        info = detect_launch()
+        cfg.validate(info.world_size)  # layout errors before any collective starts
+        check_supported(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", flush=True)
+        return 2
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
+    backend = init_distributed(info, cfg.parallel.distributed_backend,
+                               cfg.parallel.distributed_timeout_minutes)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else \
+        torch.device("cpu")
+    mesh = build_mesh(cfg.parallel, info)
+    try:
+        pretrain(cfg, mesh, device)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
