@@ -10,7 +10,7 @@ from megamoe.moe.experts import GroupedExperts
 from megamoe.moe.layer import MoELayer, MoEStats
 from megamoe.moe.router import route
 
-H, I, E = 16, 24, 4
+H, FFN, E = 16, 24, 4
 
 
 def naive_expert(x, wg, wu, wo):
@@ -20,7 +20,7 @@ def naive_expert(x, wg, wu, wo):
 
 
 def make_experts(grouped: bool) -> GroupedExperts:
-    ex = GroupedExperts(H, I, list(range(E)), std=0.1, out_std=0.1, grouped=grouped)
+    ex = GroupedExperts(H, FFN, list(range(E)), std=0.1, out_std=0.1, grouped=grouped)
     init_model_weights(ex, seed=3)
     return ex
 
@@ -70,7 +70,7 @@ def test_permute_unpermute_identity_experts_is_combine_weighted_input():
 def test_moe_layer_matches_per_token_reference():
     torch.manual_seed(2)
     cfg = MoEConfig(num_experts=E, router_topk=2)
-    layer = MoELayer(1, H, I, cfg, std=0.1, out_std=0.1, stats=MoEStats())
+    layer = MoELayer(1, H, FFN, cfg, std=0.1, out_std=0.1, stats=MoEStats())
     init_model_weights(layer, seed=5)
     x = torch.randn(2, 5, H)
     out = layer(x)
@@ -91,7 +91,7 @@ def test_router_loss_gradient_reaches_gate_with_scale():
     torch.manual_seed(3)
     cfg = MoEConfig(num_experts=E, router_topk=2, aux_loss_coeff=0.5, z_loss_coeff=0.25)
     stats = MoEStats()
-    layer = MoELayer(1, H, I, cfg, std=0.1, out_std=0.1, stats=stats)
+    layer = MoELayer(1, H, FFN, cfg, std=0.1, out_std=0.1, stats=stats)
     init_model_weights(layer, seed=5)
     stats.reset(grad_scale=0.5)
     x = torch.randn(1, 6, H)
