@@ -215,6 +215,9 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     _check(m.ffn_hidden_size % tp == 0,
            f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by "
            f"--tensor-model-parallel-size {tp}")
+    _check(not p.sequence_parallel or m.seq_length % tp == 0,
+           f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size {tp}, "
+           "which --sequence-parallel needs")
     _check(m.num_layers % pp == 0,
            f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
     dp = world_size // (tp * pp)

@@ -12,6 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.model.init import tag
+from megamoe.parallel.tensor import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TPContext,
+    mark_sequence_replicated,
+)
 
 
 def gated_act(h: torch.Tensor) -> torch.Tensor:
@@ -26,7 +32,8 @@ class RMSNorm(nn.Module):
     def __init__(self, hidden: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = tag(nn.Parameter(torch.empty(hidden)), std=None, ones=True)
+        # Every TP rank holds it; under SP it sees a sequence shard, so its grad is summed over TP.
+        self.weight = mark_sequence_replicated(tag(nn.Parameter(torch.empty(hidden)), std=None, ones=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -50,25 +57,25 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def _linear_weight(out_f: int, in_f: int, std: float) -> nn.Parameter:
-    return tag(nn.Parameter(torch.empty(out_f, in_f)), std=std)
-
-
 class Attention(nn.Module):
-    """Causal multi-head attention with RoPE and NO 1/sqrt(d) score scaling (OpenMoE/T5 style)."""
+    """Causal multi-head attention with RoPE and NO 1/sqrt(d) score scaling (OpenMoE/T5 style).
+
+    Heads are split across TP: q/k/v are column-parallel (n/tp local heads), o is row-parallel.
+    Input and output are residual-stream tensors ([b, s/tp, h] under SP, else [b, s, h]).
+    """
 
     def __init__(self, hidden: int, heads: int, kv_channels: int, std: float, out_std: float,
-                 rotary_base: float) -> None:
+                 rotary_base: float, tp: TPContext | None = None) -> None:
         super().__init__()
-        self.heads, self.d, self.rotary_base = heads, kv_channels, rotary_base
+        tp = tp or TPContext()
+        if heads % tp.size:
+            raise ValueError(f"{heads} attention heads are not divisible by TP {tp.size}")
+        self.tp, self.local_heads, self.d, self.rotary_base = tp, heads // tp.size, kv_channels, rotary_base
         inner = heads * kv_channels
-        self.q_proj = nn.Linear(hidden, inner, bias=False)
-        self.k_proj = nn.Linear(hidden, inner, bias=False)
-        self.v_proj = nn.Linear(hidden, inner, bias=False)
-        self.o_proj = nn.Linear(inner, hidden, bias=False)
-        for lin, s in ((self.q_proj, std), (self.k_proj, std), (self.v_proj, std),
-                       (self.o_proj, out_std)):
-            tag(lin.weight, std=s)
+        self.q_proj = ColumnParallelLinear(hidden, inner, tp, std)
+        self.k_proj = ColumnParallelLinear(hidden, inner, tp, std)
+        self.v_proj = ColumnParallelLinear(hidden, inner, tp, std)
+        self.o_proj = RowParallelLinear(inner, hidden, tp, out_std)
         self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def _tables(self, s: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,31 +85,37 @@ class Attention(nn.Module):
         return self._rope[1][:s], self._rope[2][:s]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape  # [b, s, h]
+        x = self.tp.enter(x)  # [b, s, h]
+        b, s, _ = x.shape
+        n = self.local_heads
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # [b, s, n*d] -> [b, n, s, d]
-            return t.view(b, s, self.heads, self.d).transpose(1, 2)
+            return t.view(b, s, n, self.d).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         cos, sin = self._tables(s, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)  # [b, n, s, d]
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.d))
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, n * self.d))
 
 
 class GatedMLP(nn.Module):
-    """OpenMoE FFN: gate H->2I (x1*silu(x2)) times up H->I, then down I->H; 4*H*I parameters."""
+    """OpenMoE FFN: gate H->2I (x1*silu(x2)) times up H->I, then down I->H; 4*H*I parameters.
 
-    def __init__(self, hidden: int, ffn: int, std: float, out_std: float) -> None:
+    TP: gate/up column-parallel (gate keeps matching x1/x2 halves per rank), down row-parallel.
+    """
+
+    def __init__(self, hidden: int, ffn: int, std: float, out_std: float, tp: TPContext | None = None,
+                 ) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, 2 * ffn, bias=False)  # weight [2I, H]
-        self.up_proj = nn.Linear(hidden, ffn, bias=False)  # weight [I, H]
-        self.down_proj = nn.Linear(ffn, hidden, bias=False)  # weight [H, I]
-        tag(self.gate_proj.weight, std=std)
-        tag(self.up_proj.weight, std=std)
-        tag(self.down_proj.weight, std=out_std)
+        tp = tp or TPContext()
+        self.tp = tp
+        self.gate_proj = ColumnParallelLinear(hidden, 2 * ffn, tp, std, blocks=2)  # [2I/tp, H]
+        self.up_proj = ColumnParallelLinear(hidden, ffn, tp, std)  # [I/tp, H]
+        self.down_proj = RowParallelLinear(ffn, hidden, tp, out_std)  # [H, I/tp]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.tp.enter(x)
         return self.down_proj(gated_act(self.gate_proj(x)) * self.up_proj(x))
 
 

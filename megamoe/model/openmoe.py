@@ -10,32 +10,37 @@ initialisation and key checkpoints) are the same whichever pipeline stage holds 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import Config
-from megamoe.model.init import init_model_weights, tag
+from megamoe.model.init import init_model_weights
 from megamoe.model.layers import Attention, GatedMLP, RMSNorm, output_std
 from megamoe.moe.layer import MoELayer, MoEStats
+from megamoe.parallel.tensor import (
+    ColumnParallelLinear,
+    TPContext,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Config, layer: int, stats: MoEStats) -> None:
+    def __init__(self, cfg: Config, layer: int, stats: MoEStats, tp: TPContext) -> None:
         super().__init__()
         m = cfg.model
         std, out_std = m.init_method_std, output_std(m.init_method_std, m.num_layers)
         self.is_moe = cfg.moe.is_moe_layer(layer)
         self.input_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
         self.self_attn = Attention(m.hidden_size, m.num_attention_heads, m.kv_channels, std,
-                                   out_std, m.rotary_base)
+                                   out_std, m.rotary_base, tp)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
         if self.is_moe:
             self.mlp: nn.Module = MoELayer(layer, m.hidden_size, m.ffn_hidden_size, cfg.moe, std,
-                                           out_std, stats)
+                                           out_std, stats, tp=tp)
             self.pre_extra_mlp_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
-            self.extra_mlp = GatedMLP(m.hidden_size, m.ffn_hidden_size, std, out_std)
+            self.extra_mlp = GatedMLP(m.hidden_size, m.ffn_hidden_size, std, out_std, tp)
         else:
-            self.mlp = GatedMLP(m.hidden_size, m.ffn_hidden_size, std, out_std)
+            self.mlp = GatedMLP(m.hidden_size, m.ffn_hidden_size, std, out_std, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, h]
         x = x + self.self_attn(self.input_layernorm(x))
@@ -46,39 +51,43 @@ class DecoderLayer(nn.Module):
 
 
 class OpenMoEModel(nn.Module):
-    """Decoder-only OpenMoE. ``layers`` selects the global layer range this model holds."""
+    """Decoder-only OpenMoE. ``layers`` selects the global layer range this model holds.
 
-    def __init__(self, cfg: Config, layers: range | None = None) -> None:
+    Under TP the embedding and LM head split the (padded) vocabulary and the loss is a
+    vocab-parallel cross-entropy; under SP the residual stream is [b, s/tp, h] between them.
+    """
+
+    def __init__(self, cfg: Config, layers: range | None = None, tp: TPContext | None = None) -> None:
         super().__init__()
         m = cfg.model
-        self.cfg = cfg
-        self.vocab_size = m.padded_vocab_size(cfg.parallel.tensor_model_parallel_size)
+        self.cfg, self.tp = cfg, tp or TPContext()
+        self.vocab_size = m.padded_vocab_size(self.tp.size)
         self.layer_range = layers if layers is not None else range(m.num_layers)
         self.moe_stats = MoEStats()
-        self.embed_tokens = nn.Embedding(self.vocab_size, m.hidden_size)
-        tag(self.embed_tokens.weight, std=m.init_method_std)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, self.moe_stats)
+        self.embed_tokens = VocabParallelEmbedding(self.vocab_size, m.hidden_size, self.tp,
+                                                   m.init_method_std)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, self.moe_stats, self.tp)
                                      for i in self.layer_range})
         self.norm = RMSNorm(m.hidden_size, m.norm_epsilon)
-        self.lm_head = nn.Linear(m.hidden_size, self.vocab_size, bias=False)  # untied
-        tag(self.lm_head.weight, std=m.init_method_std)
+        # untied LM head, split by vocabulary rows: logits stay [b, s, V/tp]
+        self.lm_head = ColumnParallelLinear(m.hidden_size, self.vocab_size, self.tp, m.init_method_std)
 
     def init_weights(self, seed: int) -> None:
         init_model_weights(self, seed)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: [b, s] int64 -> logits [b, s, V_padded]."""
-        x = self.embed_tokens(tokens)
+        """tokens: [b, s] int64 (full sequence on every TP rank) -> logits [b, s, V_padded / tp]."""
+        x = self.embed_tokens(tokens)  # [b, s/tp, h] under SP
         for layer in self.layers.values():
             x = layer(x)
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.tp.enter(self.norm(x)))
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor,
              loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over the (unmasked) tokens of this micro-batch, fp32."""
-        logits = self(tokens).float()
-        per_token = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1),
-                                    reduction="none")
+        logits = self(tokens)
+        per_token = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 self.tp, self.embed_tokens.vocab_start)
         if loss_mask is None:
             return per_token.mean()
         mask = loss_mask.reshape(-1).float()

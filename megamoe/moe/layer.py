@@ -9,6 +9,7 @@ stage contributes its routers' losses to backward without plumbing, and a per-mo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -18,6 +19,8 @@ from megamoe.model.init import tag
 from megamoe.moe.dispatcher import ExpertPlacement, permute, unpermute
 from megamoe.moe.experts import GroupedExperts
 from megamoe.moe.router import expert_capacity, route
+from megamoe.parallel.comm import all_reduce_sum
+from megamoe.parallel.tensor import TPContext, mark_sequence_replicated
 
 
 @dataclass
@@ -25,7 +28,8 @@ class MoEStats:
     """Per-model accumulator, reset by the training step.
 
     grad_scale: multiplies the router-loss gradient (1 / number of micro-batches per step).
-    aux/z: sums of per-layer loss values; calls: number of (layer, micro-batch) evaluations;
+    aux/z: sums of per-layer loss values (this rank's share: sum over TP under SP for the layer's
+    loss); calls: number of (layer, micro-batch) evaluations;
     tokens_per_expert: summed assignment counts per MoE layer (load imbalance metric).
     """
 
@@ -74,15 +78,19 @@ class MoELayer(nn.Module):
 
     def __init__(self, layer: int, hidden: int, ffn: int, moe: MoEConfig, std: float,
                  out_std: float, stats: MoEStats, placement: ExpertPlacement | None = None,
-                 ep_rank: int = 0) -> None:
+                 ep_rank: int = 0, tp: TPContext | None = None) -> None:
         super().__init__()
         self.layer, self.cfg, self.stats = layer, moe, stats
+        self.tp = tp or TPContext()
         self.placement = placement or ExpertPlacement.contiguous(moe.num_experts)
         # Router gate kept in fp32 (as trained): routing decisions are precision-sensitive.
         self.gate_weight = tag(nn.Parameter(torch.empty(moe.num_experts, hidden)),
                                std=moe.router_init_std)
         self.experts = GroupedExperts(hidden, ffn, self.placement.local_experts(ep_rank), std,
                                       out_std, grouped=moe.grouped_gemm)
+        # Replicated over TP; under SP each rank routes and computes its own sequence shard.
+        for p in self.parameters():
+            mark_sequence_replicated(p)
 
     def capacity(self, tokens: int) -> int | None:
         cf = self.cfg.capacity_factor
@@ -93,10 +101,14 @@ class MoELayer(nn.Module):
         return expert_capacity(cf, tokens, self.cfg.num_experts, self.cfg.min_capacity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
+        b, s, h = x.shape  # s is this rank's shard under SP
         xt = x.reshape(b * s, h)  # [T, H]
         logits = xt.float() @ self.gate_weight.float().t()  # [T, E] fp32
-        routing = route(logits, self.cfg.router_topk, self.capacity(b * s))
+        reduce, total = None, b * s
+        if self.tp.sequence_parallel:  # the routing group (micro-batch) spans the TP ranks
+            reduce, total = partial(all_reduce_sum, group=self.tp.group), b * s * self.tp.size
+        # Capacity groups are the tokens this rank routes (under SP: its sequence shard).
+        routing = route(logits, self.cfg.router_topk, self.capacity(b * s), reduce, total)
         rows, perm = permute(xt, routing, self.placement)  # [N, H]
         y = self.experts(rows, perm.counts)
         out = unpermute(y, perm, b * s).view(b, s, h)

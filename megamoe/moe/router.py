@@ -6,6 +6,7 @@ T = tokens in the routing group (the micro-batch), E = experts, k = top-k.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +19,8 @@ class Routing:
     expert_ids: [T, k] int64 chosen experts (column 0 = top-1).
     combine:    [T, k] fp32 combine weights: the un-renormalised softmax probability, 0 where dropped.
     keep:       [T, k] bool, False for assignments dropped by the capacity limit.
-    tokens_per_expert: [E] int64 assignments per expert before dropping (load statistics).
-    aux_loss, z_loss: fp32 scalars (differentiable w.r.t. the logits).
+    tokens_per_expert: [E] int64 assignments per expert before dropping, over the whole group.
+    aux_loss, z_loss: fp32 scalars (differentiable w.r.t. the logits); this rank's share.
     """
 
     expert_ids: torch.Tensor
@@ -35,22 +36,22 @@ def expert_capacity(capacity_factor: float, tokens: int, num_experts: int, min_c
     return max(int(round(capacity_factor * tokens / num_experts)), min_capacity)
 
 
-def load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, fraction: torch.Tensor, total_tokens: int) -> torch.Tensor:
     """Switch/flaxformer loss: E^2 * mean_e(fraction_e * mean_prob_e).
 
-    probs: [T, E] softmax; expert_ids: [T, k]. fraction_e counts a token once if e is any of its k
-    choices (max over k), so the loss equals k when routing is perfectly balanced.
+    probs: [T, E] softmax of this rank's tokens; fraction: [E] share of ALL tokens of the group that
+    chose e among their k (a token counts once per expert, so the loss is k when perfectly balanced);
+    no gradient flows through it, as in flaxformer. mean_prob divides by the group's total token
+    count, so with tokens sharded over ranks the per-rank losses SUM to the group loss.
     """
     num_experts = probs.shape[-1]
-    chosen = torch.zeros_like(probs).scatter_(1, expert_ids, 1.0)  # [T, E] in {0, 1}
-    fraction = chosen.mean(0)  # [E], no gradient (as in flaxformer)
-    mean_prob = probs.mean(0)  # [E]
+    mean_prob = probs.sum(0) / total_tokens  # [E]
     return (fraction * mean_prob).mean() * num_experts**2
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2. logits: [T, E] fp32."""
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+def router_z_loss(logits: torch.Tensor, total_tokens: int) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over the group's tokens of logsumexp(logits)^2 (this rank's share)."""
+    return torch.logsumexp(logits, dim=-1).pow(2).sum() / total_tokens
 
 
 def capacity_keep_mask(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
@@ -64,9 +65,17 @@ def capacity_keep_mask(expert_ids: torch.Tensor, num_experts: int, capacity: int
     return (position < capacity).view(k, t).t()
 
 
-def route(logits: torch.Tensor, topk: int, capacity: int | None) -> Routing:
-    """Route tokens given fp32 logits [T, E]; ``capacity=None`` is dropless."""
+def route(logits: torch.Tensor, topk: int, capacity: int | None,
+          count_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+          total_tokens: int | None = None) -> Routing:
+    """Route tokens given fp32 logits [T, E]; ``capacity=None`` is dropless.
+
+    When a routing group is sharded over ranks (sequence parallelism), ``count_reduce`` sums the
+    per-expert counts over the group and ``total_tokens`` is the group's token count; aux and z losses
+    are then this rank's additive share of the group's losses.
+    """
     num_experts = logits.shape[-1]
+    total = total_tokens or logits.shape[0]
     probs = torch.softmax(logits, dim=-1)  # [T, E] over ALL experts
     top_probs, expert_ids = probs.topk(topk, dim=-1)  # [T, k], sorted: column 0 is top-1
     if capacity is None:
@@ -74,7 +83,10 @@ def route(logits: torch.Tensor, topk: int, capacity: int | None) -> Routing:
     else:
         keep = capacity_keep_mask(expert_ids, num_experts, capacity)
     combine = top_probs * keep  # un-renormalised, dropped -> 0
-    tokens_per_expert = torch.bincount(expert_ids.reshape(-1), minlength=num_experts)
-    return Routing(expert_ids=expert_ids, combine=combine, keep=keep,
-                   tokens_per_expert=tokens_per_expert,
-                   aux_loss=load_balancing_loss(probs, expert_ids), z_loss=router_z_loss(logits))
+    counts = torch.bincount(expert_ids.reshape(-1), minlength=num_experts)  # top-k ids are distinct
+    if count_reduce is not None:
+        counts = count_reduce(counts)
+    fraction = counts.to(probs.dtype) / total
+    return Routing(expert_ids=expert_ids, combine=combine, keep=keep, tokens_per_expert=counts,
+                   aux_loss=load_balancing_loss(probs, fraction, total),
+                   z_loss=router_z_loss(logits, total))

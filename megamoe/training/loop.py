@@ -68,21 +68,43 @@ class Trainer:
         dist.all_reduce(t, group=self.mesh.groups["dp"])
         return (t / self.mesh.dp).tolist()
 
+    def _all_reduce_grads(self, params: list[torch.Tensor], group_name: str, divisor: int) -> None:
+        """Sum the grads of ``params`` over a group in one flat buffer, then divide."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.mesh.groups[group_name])
+        if divisor != 1:
+            flat /= divisor
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+            g.copy_(synced)
+
     def reduce_gradients(self) -> None:
-        """Average grads over replicas: expert weights over expert-DP, everything else over DP."""
+        """Count every parameter's gradient exactly once (DESIGN.md section 2):
+        1. under SP, params replicated over TP that saw only a sequence shard (norms, router, experts)
+           sum their partial grads over TP;
+        2. replicas average: expert weights over expert-DP, everything else over DP."""
+        named = list(self.model.named_parameters())
+        if self.mesh.sequence_parallel and self.mesh.tp > 1:
+            self._all_reduce_grads([p for _, p in named if getattr(p, "_mm_sp_replicated", False)],
+                                   "tp", 1)
         for group_name, size, expert in (("dp", self.mesh.dp, False), ("edp", self.mesh.edp, True)):
-            if size == 1:
-                continue
-            grads = [p.grad for n, p in self.model.named_parameters()
-                     if p.grad is not None and (".experts." in n) == expert]
-            if not grads:
-                continue
-            flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=self.mesh.groups[group_name])
-            flat /= size
-            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads),
-                                 strict=True):
-                g.copy_(synced)
+            if size > 1:
+                self._all_reduce_grads([p for n, p in named if (".experts." in n) == expert],
+                                       group_name, size)
+
+    def grad_norm(self, params: list[torch.Tensor]) -> float:
+        """Global L2 norm: TP-split params summed over TP, TP-replicated ones counted once."""
+        if self.mesh.tp == 1:
+            return float(local_grad_norm_sq(params).sqrt())
+        sharded = [p for p in params if getattr(p, "_mm_tp_sharded", False)]
+        replicated = [p for p in params if not getattr(p, "_mm_tp_sharded", False)]
+        sq = local_grad_norm_sq(sharded)
+        if self.mesh.tp_rank == 0:
+            sq = sq + local_grad_norm_sq(replicated)
+        dist.all_reduce(sq, group=self.mesh.groups["tp"])
+        return float(sq.sqrt())
 
     def train_step(self) -> dict[str, Any]:
         cfg, model = self.cfg, self.model
@@ -101,7 +123,7 @@ class Trainer:
         # Reduce, then update.
         self.reduce_gradients()
         params = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = float(local_grad_norm_sq(params).sqrt())
+        grad_norm = self.grad_norm(params)
         lr = learning_rate(cfg.train, iteration)
         skipped = not math.isfinite(grad_norm)
         if not skipped:
@@ -113,7 +135,12 @@ class Trainer:
         self.state = TrainState(iteration, self.state.consumed_samples + cfg.train.global_batch_size)
         stats = model.moe_stats
         calls = max(stats.calls, 1)
-        lm, aux, z = self._dp_mean([lm_total / n_mb, stats.aux / calls, stats.z / calls])
+        aux, z = stats.aux / calls, stats.z / calls
+        if self.mesh.sequence_parallel and self.mesh.tp > 1:  # per-rank shares -> the layers' losses
+            shares = torch.tensor([aux, z], dtype=torch.float64)
+            dist.all_reduce(shares, group=self.mesh.groups["tp"])
+            aux, z = shares.tolist()
+        lm, aux, z = self._dp_mean([lm_total / n_mb, aux, z])
         step_time = time.perf_counter() - t0
         tokens = cfg.train.global_batch_size * cfg.model.seq_length
         tflops = model_flops_per_token(cfg) * tokens / step_time / self.mesh.world_size / 1e12

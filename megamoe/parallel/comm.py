@@ -1,0 +1,146 @@
+"""Autograd-aware collectives over a process group (Megatron's f / g and the sequence-parallel ops).
+
+Every function is an identity when the group has one rank. Sequence-parallel ops split / gather
+along ``dim`` (the sequence dimension, 1 for our [b, s, h] activations); collectives run on a
+contiguous copy with that dim moved to the front, since gloo and NCCL gather along dim 0.
+Works on gloo (CPU) and NCCL (GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+
+def group_size(group: ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def all_reduce_sum(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """In-place sum over the group (no autograd); returns x."""
+    if group_size(group) > 1:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+# torch >= 2.10 renamed the tensor-form collectives; keep both spellings working.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _gather(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
+    n = dist.get_world_size(group)
+    front = x.movedim(dim, 0).contiguous()  # [s_local, ...]
+    out = front.new_empty((n * front.shape[0],) + tuple(front.shape[1:]))
+    _all_gather_single(out, front, group=group)
+    return out.movedim(0, dim)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
+    n = dist.get_world_size(group)
+    front = x.movedim(dim, 0).contiguous()  # [s, ...]
+    if front.shape[0] % n:
+        raise ValueError(f"sequence length {front.shape[0]} is not divisible by TP size {n}")
+    out = front.new_empty((front.shape[0] // n,) + tuple(front.shape[1:]))
+    _reduce_scatter_single(out, front, group=group)
+    return out.movedim(0, dim)
+
+
+def _split(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    if x.shape[dim] % n:
+        raise ValueError(f"sequence length {x.shape[dim]} is not divisible by TP size {n}")
+    return x.chunk(n, dim=dim)[r].contiguous()
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """forward: identity; backward: all-reduce (sum) the gradient. Megatron's f."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    """forward: all-reduce (sum); backward: identity. Megatron's g."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    """forward: keep this rank's sequence chunk; backward: all-gather the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        return _split(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _gather(grad, ctx.dim, ctx.group), None, None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    """forward: all-gather the sequence; backward: reduce-scatter (the consumer is TP-parallel, so
+    each rank holds a partial gradient of the full sequence) or, if ``reduce_grad`` is False, split."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, group: ProcessGroup, reduce_grad: bool) -> torch.Tensor:
+        ctx.dim, ctx.group, ctx.reduce_grad = dim, group, reduce_grad
+        return _gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        if ctx.reduce_grad:
+            return _reduce_scatter(grad, ctx.dim, ctx.group), None, None, None
+        return _split(grad, ctx.dim, ctx.group), None, None, None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    """forward: reduce-scatter partial sums along the sequence; backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        return _reduce_scatter(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _gather(grad, ctx.dim, ctx.group), None, None
+
+
+def copy_to_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    return x if group_size(group) == 1 else _CopyToGroup.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ReduceFromGroup.apply(x, group)
+
+
+def scatter_to_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ScatterToSequence.apply(x, dim, group)
+
+
+def gather_from_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1,
+                         reduce_grad: bool = True) -> torch.Tensor:
+    return x if group_size(group) == 1 else _GatherFromSequence.apply(x, dim, group, reduce_grad)
+
+
+def reduce_scatter_to_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ReduceScatterToSequence.apply(x, dim, group)

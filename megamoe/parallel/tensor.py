@@ -1,0 +1,169 @@
+"""Tensor-parallel layers (Megatron-style) and the vocab-parallel cross-entropy.
+
+A block enters the TP region once (:meth:`TPContext.enter`: copy, or all-gather the sequence under
+SP), runs its ColumnParallelLinear shards on the shared input, and leaves through a
+RowParallelLinear (all-reduce, or reduce-scatter back to sequence shards under SP). Entering once
+per block lets q/k/v (or gate/up) share one gather.
+
+Parameters that every TP rank holds in full but that see only a sequence shard under SP (norms, the
+router gate, unsplit experts) are marked with :func:`mark_sequence_replicated`; their gradients are
+summed over TP after backward. TP-split parameters are marked ``_mm_tp_sharded`` so the gradient norm
+counts replicated ones once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from megamoe.model.init import tag
+from megamoe.parallel import comm
+
+
+@dataclass(frozen=True)
+class TPContext:
+    size: int = 1
+    rank: int = 0
+    group: ProcessGroup | None = None
+    sequence_parallel: bool = False
+
+    @staticmethod
+    def from_mesh(mesh) -> TPContext:  # mesh: megamoe.parallel.mesh.ParallelMesh
+        return TPContext(mesh.tp, mesh.tp_rank, mesh.groups.get("tp"), mesh.sequence_parallel)
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual stream -> input of column-parallel layers. [b, s/tp or s, h] -> [b, s, h]."""
+        if self.sequence_parallel:
+            return comm.gather_from_sequence(x, self.group)
+        return comm.copy_to_tp(x, self.group)
+
+    def exit(self, x: torch.Tensor) -> torch.Tensor:
+        """Partial sums of row-parallel layers -> residual stream. [b, s, h] -> [b, s/tp or s, h]."""
+        if self.sequence_parallel:
+            return comm.reduce_scatter_to_sequence(x, self.group)
+        return comm.reduce_from_tp(x, self.group)
+
+    def shard_range(self, n: int) -> slice:
+        per = n // self.size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+def mark_sequence_replicated(param: nn.Parameter) -> nn.Parameter:
+    param._mm_sp_replicated = True
+    return param
+
+
+def _block_rows(n: int, blocks: int, tp: TPContext) -> torch.Tensor:
+    """Rows of an [n, ...] weight made of ``blocks`` equal blocks, this rank's 1/tp of each block
+    (so a fused gate projection [x1; x2] keeps matching halves on every rank)."""
+    per_block = n // blocks
+    part = tp.shard_range(per_block)
+    return torch.cat([torch.arange(b * per_block + part.start, b * per_block + part.stop)
+                      for b in range(blocks)])
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W [out, in] split by output rows. Input must already be entered (TPContext.enter);
+    output [.., out/tp] stays split. ``blocks``: number of fused equal output blocks."""
+
+    def __init__(self, in_f: int, out_f: int, tp: TPContext, std: float, blocks: int = 1) -> None:
+        super().__init__()
+        if out_f % (tp.size * blocks):
+            raise ValueError(f"output size {out_f} is not divisible by TP {tp.size} x {blocks} blocks")
+        rows = _block_rows(out_f, blocks, tp)
+        self.weight = tag(nn.Parameter(torch.empty(len(rows), in_f)), std=std, full_shape=(out_f, in_f),
+                          shard=(rows,) if tp.size > 1 else None)
+        self.weight._mm_tp_sharded = tp.size > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
+
+
+class RowParallelLinear(nn.Module):
+    """y = exit(x_local W_local^T) with W [out, in] split by input columns; x [.., in/tp]."""
+
+    def __init__(self, in_f: int, out_f: int, tp: TPContext, std: float) -> None:
+        super().__init__()
+        if in_f % tp.size:
+            raise ValueError(f"input size {in_f} is not divisible by TP {tp.size}")
+        self.tp = tp
+        cols = tp.shard_range(in_f)
+        self.weight = tag(nn.Parameter(torch.empty(out_f, cols.stop - cols.start)), std=std,
+                          full_shape=(out_f, in_f), shard=(slice(None), cols) if tp.size > 1 else None)
+        self.weight._mm_tp_sharded = tp.size > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.exit(x @ self.weight.t())
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the (padded) vocabulary split across TP; out-of-shard tokens contribute 0 and
+    the partial embeddings are summed (or reduce-scattered along the sequence under SP)."""
+
+    def __init__(self, vocab: int, hidden: int, tp: TPContext, std: float) -> None:
+        super().__init__()
+        self.tp = tp
+        rows = tp.shard_range(vocab)
+        self.vocab_start, self.vocab_end = rows.start, rows.stop
+        self.weight = tag(nn.Parameter(torch.empty(rows.stop - rows.start, hidden)), std=std,
+                          full_shape=(vocab, hidden), shard=(rows,) if tp.size > 1 else None)
+        self.weight._mm_tp_sharded = tp.size > 1
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [b, s] -> [b, s(/tp), h]
+        if self.tp.size == 1:
+            return nn.functional.embedding(tokens, self.weight)
+        outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
+        local = (tokens - self.vocab_start).masked_fill(outside, 0)
+        emb = nn.functional.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.tp.exit(emb)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over vocab-split logits without materialising full-vocab logits on one rank.
+
+    forward: logits [N, V/tp] fp32, target [N] -> per-token loss [N] (3 all-reduces of [N] vectors);
+    backward: softmax - onehot on the local shard.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
+                group: ProcessGroup | None) -> torch.Tensor:
+        import torch.distributed as dist
+
+        n_local = logits.shape[-1]
+        logits_max = logits.max(dim=-1).values
+        if group is not None:
+            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - logits_max.unsqueeze(-1)
+        outside = (target < vocab_start) | (target >= vocab_start + n_local)
+        local_t = (target - vocab_start).masked_fill(outside, 0)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        target_logit = shifted[rows, local_t].masked_fill(outside, 0.0)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        if group is not None:
+            stacked = torch.stack([target_logit, sum_exp])  # one all-reduce for both
+            dist.all_reduce(stacked, group=group)
+            target_logit, sum_exp = stacked[0], stacked[1]
+        loss = sum_exp.log() - target_logit
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local_t, outside)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        softmax, local_t, outside = ctx.saved_tensors
+        rows = torch.arange(softmax.shape[0], device=softmax.device)
+        g = softmax.clone()
+        g[rows, local_t] -= (~outside).to(g.dtype)
+        return g * grad.unsqueeze(-1), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp: TPContext,
+                                 vocab_start: int) -> torch.Tensor:
+    """logits [N, V/tp] (any float dtype, computed in fp32), target [N] -> per-token loss [N]."""
+    if tp.size == 1:
+        return nn.functional.cross_entropy(logits.float(), target, reduction="none")
+    return _VocabParallelCrossEntropy.apply(logits.float(), target, vocab_start, tp.group)
