@@ -21,6 +21,19 @@ import torch
 import torch.distributed as dist
 
 
+def _warm_up_lazy_imports() -> None:
+    """Import what torch loads lazily on first backward / assert_close (sympy & co., ~2-4 s of CPU)
+    once in the parent, so fork-started ranks inherit it instead of each paying it again."""
+    import torch.fx.experimental.symbolic_shapes  # noqa: F401
+
+    x = torch.ones(2, requires_grad=True)
+    (x * 2).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((2,), 2.0))
+
+
+_warm_up_lazy_imports()
+
+
 def _worker(rank: int, world: int, init_file: str, fn: Callable, args: tuple, out: mp.Queue) -> None:
     try:
         torch.set_num_threads(1)

@@ -66,12 +66,23 @@ def test_overrides_and_kv_channels_may_differ_from_hidden():
     (TINY + ["--sequence-parallel"], 1, "--sequence-parallel"),
     (TINY + ["--num-experts", "6", "--expert-model-parallel-size", "4"], 8, "--num-experts"),
     (TINY + ["--train-iters", "x"], 1, "--train-iters"),
+    (TINY + ["--tensor-model-parallel-size", "3"], 3, "--num-attention-heads"),
+    (TINY + ["--ffn-hidden-size", "66", "--tensor-model-parallel-size", "4"], 4, "--ffn-hidden-size"),
+    (TINY + ["--tensor-model-parallel-size", "2"], 3, "--tensor-model-parallel-size"),
+    (TINY + ["--seq-length", "30", "--tensor-model-parallel-size", "4", "--sequence-parallel"], 4,
+     "--seq-length"),
 ])
 def test_bad_input_raises_one_line_naming_the_flag(argv, world, flag):
     with pytest.raises(ConfigError) as err:
         parse_args(argv).validate(world)
     msg = str(err.value)
     assert flag in msg and "\n" not in msg
+
+
+def test_vocab_is_padded_to_a_multiple_of_128_times_tp():
+    cfg = parse_args(TINY + ["--vocab-size", "1000"])
+    assert cfg.model.padded_vocab_size(1) == 1024 and cfg.model.padded_vocab_size(4) == 1024
+    assert cfg.model.padded_vocab_size(3) == 1152
 
 
 def test_cli_layout_error_before_any_collective(monkeypatch, capsys):
