@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--moe-hierarchical-alltoall", action="store_true",
+                   help="intra-node exchange, then one inter-node all-to-all per local rank")
+    g.add_argument("--moe-alltoall-chunks", type=int, default=1,
+                   help="split dispatched tokens into K chunks, overlapping all-to-all with experts")
+    g.add_argument("--no-moe-tp-dedup", dest="moe_tp_dedup", action="store_false",
+                   help="TP>1 without SP: send every TP rank's (identical) tokens instead of 1/TP each")
+    g.add_argument("--moe-ranks-per-node", type=int, default=0,
+                   help="node size for hierarchical all-to-all (default: LOCAL_WORLD_SIZE)")
     g.add_argument("--distributed-backend", choices=("gloo", "nccl"), default=None)
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
 
@@ -174,6 +182,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         sequence_parallel=args.sequence_parallel, distributed_backend=args.distributed_backend,
+        moe_hierarchical_alltoall=args.moe_hierarchical_alltoall,
+        moe_alltoall_chunks=args.moe_alltoall_chunks, moe_tp_dedup=args.moe_tp_dedup,
+        moe_ranks_per_node=args.moe_ranks_per_node,
         distributed_timeout_minutes=args.distributed_timeout_minutes)
     train = TrainConfig(
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,

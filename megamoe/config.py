@@ -92,6 +92,10 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     expert_tensor_parallel_size: int = 1
     sequence_parallel: bool = False
+    moe_hierarchical_alltoall: bool = False
+    moe_alltoall_chunks: int = 1
+    moe_tp_dedup: bool = True  # TP>1 without SP: each TP rank dispatches only its 1/TP of tokens
+    moe_ranks_per_node: int = 0  # 0: from the launcher (LOCAL_WORLD_SIZE) or MEGAMOE_RANKS_PER_NODE
     distributed_backend: str | None = None  # None: nccl with CUDA, gloo otherwise
     distributed_timeout_minutes: float = 10.0
 
@@ -102,6 +106,11 @@ class ParallelConfig:
             _check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
         _check(not (self.sequence_parallel and self.tensor_model_parallel_size == 1),
                "--sequence-parallel needs --tensor-model-parallel-size > 1")
+        _check(self.moe_alltoall_chunks >= 1,
+               f"--moe-alltoall-chunks must be >= 1, got {self.moe_alltoall_chunks}")
+        _check(self.moe_ranks_per_node >= 0, "--moe-ranks-per-node must be >= 0")
+        _check(self.expert_tensor_parallel_size == 1,
+               "--expert-tensor-parallel-size > 1 is not supported yet; experts are whole on each rank")
         _check(self.distributed_backend in (None, "gloo", "nccl"),
                f"--distributed-backend must be gloo or nccl, got {self.distributed_backend}")
 
@@ -212,6 +221,10 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     _check(m.num_attention_heads % tp == 0,
            f"--num-attention-heads {m.num_attention_heads} is not divisible by "
            f"--tensor-model-parallel-size {tp}")
+    dedup = tp > 1 and not p.sequence_parallel and p.moe_tp_dedup
+    _check(not dedup or (m.seq_length * cfg.train.micro_batch_size) % tp == 0,
+           f"--seq-length x --micro-batch-size must be divisible by --tensor-model-parallel-size {tp} "
+           "for the TP-deduplicated all-to-all; pass --no-moe-tp-dedup or change the sizes")
     _check(m.ffn_hidden_size % tp == 0,
            f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by "
            f"--tensor-model-parallel-size {tp}")

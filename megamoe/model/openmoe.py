@@ -15,7 +15,8 @@ from torch import nn
 from megamoe.config import Config
 from megamoe.model.init import init_model_weights
 from megamoe.model.layers import Attention, GatedMLP, RMSNorm, output_std
-from megamoe.moe.layer import MoELayer, MoEStats
+from megamoe.moe.dispatcher import EPTopology
+from megamoe.moe.layer import MoELayer, MoEParallel, MoEStats
 from megamoe.parallel.tensor import (
     ColumnParallelLinear,
     TPContext,
@@ -25,7 +26,8 @@ from megamoe.parallel.tensor import (
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Config, layer: int, stats: MoEStats, tp: TPContext) -> None:
+    def __init__(self, cfg: Config, layer: int, stats: MoEStats, tp: TPContext, moe_par: MoEParallel,
+                 ) -> None:
         super().__init__()
         m = cfg.model
         std, out_std = m.init_method_std, output_std(m.init_method_std, m.num_layers)
@@ -36,7 +38,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
         if self.is_moe:
             self.mlp: nn.Module = MoELayer(layer, m.hidden_size, m.ffn_hidden_size, cfg.moe, std,
-                                           out_std, stats, tp=tp)
+                                           out_std, stats, par=moe_par)
             self.pre_extra_mlp_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
             self.extra_mlp = GatedMLP(m.hidden_size, m.ffn_hidden_size, std, out_std, tp)
         else:
@@ -57,16 +59,19 @@ class OpenMoEModel(nn.Module):
     vocab-parallel cross-entropy; under SP the residual stream is [b, s/tp, h] between them.
     """
 
-    def __init__(self, cfg: Config, layers: range | None = None, tp: TPContext | None = None) -> None:
+    def __init__(self, cfg: Config, layers: range | None = None, tp: TPContext | None = None,
+                 ep: EPTopology | None = None) -> None:
         super().__init__()
         m = cfg.model
         self.cfg, self.tp = cfg, tp or TPContext()
+        moe_par = MoEParallel(tp=self.tp, ep=ep or EPTopology.single(),
+                              tp_dedup=cfg.parallel.moe_tp_dedup, chunks=cfg.parallel.moe_alltoall_chunks)
         self.vocab_size = m.padded_vocab_size(self.tp.size)
         self.layer_range = layers if layers is not None else range(m.num_layers)
         self.moe_stats = MoEStats()
         self.embed_tokens = VocabParallelEmbedding(self.vocab_size, m.hidden_size, self.tp,
                                                    m.init_method_std)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, self.moe_stats, self.tp)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, self.moe_stats, self.tp, moe_par)
                                      for i in self.layer_range})
         self.norm = RMSNorm(m.hidden_size, m.norm_epsilon)
         # untied LM head, split by vocabulary rows: logits stay [b, s, V/tp]

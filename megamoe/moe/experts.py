@@ -74,6 +74,8 @@ class GroupedExperts(nn.Module):
                            expert_ids=expert_ids)
         self.wi_up = tag(nn.Parameter(torch.empty(n, hidden, ffn)), std=std, expert_ids=expert_ids)
         self.wo = tag(nn.Parameter(torch.empty(n, ffn, hidden)), std=out_std, expert_ids=expert_ids)
+        for p in (self.wi_gate, self.wi_up, self.wo):
+            p._mm_expert = True  # reduced over expert-DP, its norm summed over EP
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, H] sorted by local expert, counts: [E_local] -> [N, H]."""

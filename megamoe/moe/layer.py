@@ -16,10 +16,23 @@ from torch import nn
 
 from megamoe.config import MoEConfig
 from megamoe.model.init import tag
-from megamoe.moe.dispatcher import ExpertPlacement, permute, unpermute
+from megamoe.moe.dispatcher import (
+    CommCounters,
+    EPTopology,
+    ExpertPlacement,
+    exchange_plan,
+    permute,
+    run_plan,
+    unpermute,
+)
 from megamoe.moe.experts import GroupedExperts
-from megamoe.moe.router import expert_capacity, route
-from megamoe.parallel.comm import all_reduce_sum
+from megamoe.moe.router import Routing, expert_capacity, route
+from megamoe.parallel.comm import (
+    all_gather_rows,
+    all_reduce_sum,
+    gather_from_sequence,
+    scatter_to_sequence,
+)
 from megamoe.parallel.tensor import TPContext, mark_sequence_replicated
 
 
@@ -38,10 +51,12 @@ class MoEStats:
     z: float = 0.0
     calls: int = 0
     tokens_per_expert: dict[int, torch.Tensor] = field(default_factory=dict)
+    comm: CommCounters = field(default_factory=CommCounters)
 
     def reset(self, grad_scale: float = 1.0) -> None:
         self.grad_scale, self.aux, self.z, self.calls = grad_scale, 0.0, 0.0, 0
         self.tokens_per_expert = {}
+        self.comm = CommCounters()
 
     def record(self, layer: int, aux: torch.Tensor, z: torch.Tensor, counts: torch.Tensor) -> None:
         self.aux += float(aux)
@@ -73,24 +88,44 @@ class _AttachRouterLoss(torch.autograd.Function):
         return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
 
 
+@dataclass(frozen=True)
+class MoEParallel:
+    """How an MoE layer is laid out: TP context, EP topology, and the exchange options."""
+
+    tp: TPContext = field(default_factory=TPContext)
+    ep: EPTopology = field(default_factory=EPTopology.single)
+    tp_dedup: bool = True
+    chunks: int = 1
+
+    @property
+    def dedup_active(self) -> bool:
+        """TP ranks hold identical tokens (TP > 1 without SP): each dispatches only its 1/TP share."""
+        return self.tp.size > 1 and not self.tp.sequence_parallel and self.tp_dedup
+
+
 class MoELayer(nn.Module):
-    """Token-choice top-k MoE. Parameters use HF OpenMoE names: gate_weight [E, H], experts.*."""
+    """Token-choice top-k MoE. Parameters use HF OpenMoE names: gate_weight [E, H], experts.*.
+
+    forward: route (all tokens of this rank) -> [TP-dedup: keep my 1/TP share] -> permute by expert
+    -> exchange over EP -> grouped experts -> exchange back -> unpermute -> [TP-dedup: all-gather].
+    """
 
     def __init__(self, layer: int, hidden: int, ffn: int, moe: MoEConfig, std: float,
                  out_std: float, stats: MoEStats, placement: ExpertPlacement | None = None,
-                 ep_rank: int = 0, tp: TPContext | None = None) -> None:
+                 par: MoEParallel | None = None) -> None:
         super().__init__()
         self.layer, self.cfg, self.stats = layer, moe, stats
-        self.tp = tp or TPContext()
-        self.placement = placement or ExpertPlacement.contiguous(moe.num_experts)
-        # Router gate kept in fp32 (as trained): routing decisions are precision-sensitive.
-        self.gate_weight = tag(nn.Parameter(torch.empty(moe.num_experts, hidden)),
-                               std=moe.router_init_std)
-        self.experts = GroupedExperts(hidden, ffn, self.placement.local_experts(ep_rank), std,
+        self.par = par or MoEParallel()
+        self.tp, self.topo = self.par.tp, self.par.ep
+        if moe.num_experts % self.topo.size:
+            raise ValueError(f"{moe.num_experts} experts are not divisible by EP {self.topo.size}")
+        self.placement = placement or ExpertPlacement.contiguous(moe.num_experts, self.topo.size)
+        # Router gate kept in fp32 (as trained): routing decisions are precision-sensitive. It is
+        # replicated over TP; under SP each rank routes its own sequence shard.
+        self.gate_weight = mark_sequence_replicated(
+            tag(nn.Parameter(torch.empty(moe.num_experts, hidden)), std=moe.router_init_std))
+        self.experts = GroupedExperts(hidden, ffn, self.placement.local_experts(self.topo.index), std,
                                       out_std, grouped=moe.grouped_gemm)
-        # Replicated over TP; under SP each rank routes and computes its own sequence shard.
-        for p in self.parameters():
-            mark_sequence_replicated(p)
 
     def capacity(self, tokens: int) -> int | None:
         cf = self.cfg.capacity_factor
@@ -100,18 +135,60 @@ class MoELayer(nn.Module):
             return None
         return expert_capacity(cf, tokens, self.cfg.num_experts, self.cfg.min_capacity)
 
+    def _route(self, xt: torch.Tensor) -> Routing:
+        t = xt.shape[0]
+        logits = xt.float() @ self.gate_weight.float().t()  # [T, E] fp32
+        reduce, total = None, t
+        if self.tp.sequence_parallel:  # the routing group (micro-batch) spans the TP ranks
+            reduce, total = partial(all_reduce_sum, group=self.tp.group), t * self.tp.size
+        # Capacity groups are the tokens this rank routes (under SP: its sequence shard).
+        return route(logits, self.cfg.router_topk, self.capacity(t), reduce, total)
+
+    def _experts_over_ep(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows [N, H] sorted by dispatch position, counts [E] per expert in dispatch order ->
+        expert outputs for the same rows. Exchanges over EP when EP > 1."""
+        topo = self.topo
+        if topo.size == 1:
+            return self.experts(rows, counts)
+        ep, per = topo.size, self.cfg.num_experts // topo.size
+        every = all_gather_rows(counts, topo.group).view(ep, ep, per)  # [src, dst, slot]
+        plan = exchange_plan(every.sum(-1), topo)
+        received = run_plan(rows, plan, False, self.stats.comm, topo)  # ordered by (src, slot)
+        mine = every[:, topo.index, :]  # [src, slot] rows I receive
+        slot_of_row = torch.arange(per, device=rows.device).repeat(ep).repeat_interleave(
+            mine.reshape(-1).to(rows.device))
+        order = torch.argsort(slot_of_row, stable=True)  # -> grouped by local expert
+        y = self.experts(received[order], mine.sum(0))
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        return run_plan(y[inverse], plan, True, self.stats.comm, topo)
+
+    def _dispatch_and_combine(self, xt: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """xt [T, H] and its routing -> sum_k combine_k * expert_k(x) [T, H], in K token chunks."""
+        t = xt.shape[0]
+        out = []
+        for idx in torch.arange(t, device=xt.device).chunk(self.par.chunks):
+            part = routing if len(idx) == t else routing.select(idx)
+            rows, perm = permute(xt[idx] if len(idx) < t else xt, part, self.placement)
+            out.append(unpermute(self._experts_over_ep(rows, perm.counts), perm, len(idx)))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape  # s is this rank's shard under SP
         xt = x.reshape(b * s, h)  # [T, H]
-        logits = xt.float() @ self.gate_weight.float().t()  # [T, E] fp32
-        reduce, total = None, b * s
-        if self.tp.sequence_parallel:  # the routing group (micro-batch) spans the TP ranks
-            reduce, total = partial(all_reduce_sum, group=self.tp.group), b * s * self.tp.size
-        # Capacity groups are the tokens this rank routes (under SP: its sequence shard).
-        routing = route(logits, self.cfg.router_topk, self.capacity(b * s), reduce, total)
-        rows, perm = permute(xt, routing, self.placement)  # [N, H]
-        y = self.experts(rows, perm.counts)
-        out = unpermute(y, perm, b * s).view(b, s, h)
+        routing = self._route(xt)
+        if self.par.dedup_active:
+            # TP ranks hold identical tokens: each sends only its share; the scatter's backward
+            # all-gathers the share gradients so x and the router see full gradients on every rank.
+            group = self.tp.group
+            share = scatter_to_sequence(xt, group, dim=0)
+            part = routing.select(self.tp.shard_range(b * s),
+                                  combine=scatter_to_sequence(routing.combine, group, dim=0))
+            out = gather_from_sequence(self._dispatch_and_combine(share, part), group, dim=0,
+                                       reduce_grad=False)
+        else:
+            out = self._dispatch_and_combine(xt, routing)
+        out = out.view(b, s, h)
         self.stats.record(self.layer, routing.aux_loss.detach(), routing.z_loss.detach(),
                           routing.tokens_per_expert.detach())
         if self.training and torch.is_grad_enabled():

@@ -30,6 +30,13 @@ class Routing:
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
 
+    def select(self, rows: torch.Tensor | slice, combine: torch.Tensor | None = None) -> Routing:
+        """The routing of a subset of tokens (same losses and load statistics)."""
+        return Routing(expert_ids=self.expert_ids[rows], keep=self.keep[rows],
+                       combine=self.combine[rows] if combine is None else combine,
+                       tokens_per_expert=self.tokens_per_expert, aux_loss=self.aux_loss,
+                       z_loss=self.z_loss)
+
 
 def expert_capacity(capacity_factor: float, tokens: int, num_experts: int, min_capacity: int) -> int:
     """OpenMoE/T5X: round(cf * tokens_per_group / E) -- no factor k -- and at least min_capacity."""

@@ -144,3 +144,47 @@ def gather_from_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int =
 
 def reduce_scatter_to_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
     return x if group_size(group) == 1 else _ReduceScatterToSequence.apply(x, dim, group)
+
+
+def all_to_all_single_raw(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                          group: ProcessGroup) -> torch.Tensor:
+    """Uneven all-to-all of rows (no autograd). x: [sum(in_splits), ...] -> [sum(out_splits), ...]."""
+    x = x.contiguous()
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes=out_splits, input_split_sizes=in_splits,
+                           group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """forward: rows travel by (in_splits -> out_splits); backward: gradients travel back by the
+    swapped splits."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                group: ProcessGroup) -> torch.Tensor:
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        return all_to_all_single_raw(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return all_to_all_single_raw(grad, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+               group: ProcessGroup | None) -> torch.Tensor:
+    """Differentiable uneven all-to-all over ``group`` (identity for a one-rank group)."""
+    if group_size(group) == 1:
+        return x
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+def all_gather_rows(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Stack equal-shaped tensors of every rank (no autograd): [n, *x.shape]."""
+    n = group_size(group)
+    if n == 1:
+        return x.unsqueeze(0)
+    x = x.contiguous().view(1, *x.shape)
+    out = x.new_empty((n,) + tuple(x.shape[1:]))  # gathered along dim 0
+    _all_gather_single(out, x, group=group)
+    return out

@@ -72,6 +72,7 @@ class ParallelMesh:
     ep: int = 1
     etp: int = 1
     sequence_parallel: bool = False
+    ranks_per_node: int = 0  # 0: every rank on one node (no hierarchical all-to-all)
     dp: int = field(init=False)
     edp: int = field(init=False)
     groups: dict[str, dist.ProcessGroup | None] = field(default_factory=dict, repr=False)
@@ -86,13 +87,24 @@ class ParallelMesh:
                               f"EP {self.ep} x PP {self.pp}")
         self.dp = self.world_size // (self.tp * self.pp)
         self.edp = self.world_size // (self.etp * self.ep * self.pp)
+        rpn = self.ranks_per_node
+        if rpn and (self.world_size % rpn or (self.ep > rpn and self.ep % rpn) or
+                    (self.ep < rpn and rpn % (self.ep * self.etp))):
+            raise ConfigError(f"ranks per node {rpn} does not tile world size {self.world_size} into "
+                              f"nodes that split the expert-parallel groups of {self.ep} evenly")
 
     @staticmethod
-    def from_config(p: ParallelConfig, world_size: int, rank: int) -> ParallelMesh:
+    def from_config(p: ParallelConfig, world_size: int, rank: int,
+                    local_world_size: int | None = None) -> ParallelMesh:
+        """``--moe-ranks-per-node`` (or MEGAMOE_RANKS_PER_NODE) overrides the launcher's node size,
+        so CPU tests can pretend e.g. 2 nodes x 4 ranks."""
+        rpn = p.moe_ranks_per_node or int(os.environ.get("MEGAMOE_RANKS_PER_NODE", "0"))
+        if not rpn and local_world_size and local_world_size < world_size:
+            rpn = local_world_size
         return ParallelMesh(world_size=world_size, rank=rank, tp=p.tensor_model_parallel_size,
                             pp=p.pipeline_model_parallel_size, ep=p.expert_model_parallel_size,
                             etp=p.expert_tensor_parallel_size,
-                            sequence_parallel=p.sequence_parallel)
+                            sequence_parallel=p.sequence_parallel, ranks_per_node=rpn)
 
     def grids(self) -> dict[str, list[list[int]]]:
         """For each group name, the list of rank lists (every group of that kind)."""
@@ -109,13 +121,32 @@ class ParallelMesh:
             "ep": along(expert, 2), "edp": along(expert, 1), "etp": along(expert, 3),
             # model-parallel (TP x PP) and the dense DP x TP block used for grad-norm reductions
             "mp": [g.reshape(-1).tolist() for g in np.moveaxis(dense, 1, 0)],
+            **self._ep_node_grids(along(expert, 2)),
         }
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node if self.ranks_per_node else 0
+
+    def _ep_node_grids(self, ep_groups: list[list[int]]) -> dict[str, list[list[int]]]:
+        """Split every EP group by node: ``ep_intra`` = its members on one node, ``ep_inter`` = its
+        members with the same position on their node (one per node). Hierarchical all-to-all runs
+        intra-node, then inter-node among same-position ranks."""
+        intra, inter = [], []
+        for members in ep_groups:
+            by_node: dict[int, list[int]] = {}
+            for r in members:
+                by_node.setdefault(self.node_of(r), []).append(r)
+            nodes = list(by_node.values())
+            intra += nodes
+            inter += [[node[j] for node in nodes] for j in range(len(nodes[0]))]
+        return {"ep_intra": intra, "ep_inter": inter}
 
     def build_groups(self) -> None:
         """Create every group on every rank in the same order (torch.distributed requires it)."""
         for name, all_groups in self.grids().items():
             for members in all_groups:
-                group = dist.new_group(members) if self.world_size > 1 else None
+                # one-rank groups stay None: every collective helper treats None as "nothing to do"
+                group = dist.new_group(members) if len(members) > 1 else None
                 if self.rank in members:
                     self.groups[name], self.members[name] = group, members
         for name, size in (("tp", self.tp), ("dp", self.dp), ("pp", self.pp), ("ep", self.ep),
@@ -145,10 +176,11 @@ class ParallelMesh:
     def describe(self) -> str:
         return (f"world {self.world_size} = TP {self.tp} x DP {self.dp} x PP {self.pp} (dense); "
                 f"ETP {self.etp} x EP {self.ep} x EDP {self.edp} x PP {self.pp} (experts); "
-                f"SP {'on' if self.sequence_parallel else 'off'}")
+                f"SP {'on' if self.sequence_parallel else 'off'}"
+                + (f"; {self.ranks_per_node} ranks per node" if self.ranks_per_node else ""))
 
 
 def build_mesh(p: ParallelConfig, info: LaunchInfo) -> ParallelMesh:
-    mesh = ParallelMesh.from_config(p, info.world_size, info.rank)
+    mesh = ParallelMesh.from_config(p, info.world_size, info.rank, info.local_world_size)
     mesh.build_groups()
     return mesh

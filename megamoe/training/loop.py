@@ -81,30 +81,50 @@ class Trainer:
             g.copy_(synced)
 
     def reduce_gradients(self) -> None:
-        """Count every parameter's gradient exactly once (DESIGN.md section 2):
-        1. under SP, params replicated over TP that saw only a sequence shard (norms, router, experts)
-           sum their partial grads over TP;
-        2. replicas average: expert weights over expert-DP, everything else over DP."""
-        named = list(self.model.named_parameters())
-        if self.mesh.sequence_parallel and self.mesh.tp > 1:
-            self._all_reduce_grads([p for _, p in named if getattr(p, "_mm_sp_replicated", False)],
-                                   "tp", 1)
-        for group_name, size, expert in (("dp", self.mesh.dp, False), ("edp", self.mesh.edp, True)):
-            if size > 1:
-                self._all_reduce_grads([p for n, p in named if (".experts." in n) == expert],
-                                       group_name, size)
+        """Count every parameter's gradient exactly once (DESIGN.md section 2).
+
+        1. Under SP, dense params replicated over TP that saw only a sequence shard (norms, router
+           gate) sum their partial grads over TP.
+        2. Dense params average over DP.
+        3. Expert params: every token reached exactly one copy of its expert somewhere in the
+           expert-DP group, so grads SUM over expert-DP and divide by DP (the loss is a mean over DP
+           replicas); when TP ranks dispatch identical tokens (TP > 1, no SP, no dedup), each token
+           was counted TP times, so divide by TP too.
+        """
+        mesh, par = self.mesh, self.cfg.parallel
+        dense = [p for p in self.model.parameters() if not getattr(p, "_mm_expert", False)]
+        experts = [p for p in self.model.parameters() if getattr(p, "_mm_expert", False)]
+        if mesh.sequence_parallel and mesh.tp > 1:
+            self._all_reduce_grads([p for p in dense if getattr(p, "_mm_sp_replicated", False)], "tp", 1)
+        if mesh.dp > 1:
+            self._all_reduce_grads(dense, "dp", mesh.dp)
+        duplicated = mesh.tp > 1 and not mesh.sequence_parallel and not par.moe_tp_dedup
+        divisor = mesh.dp * (mesh.tp if duplicated else 1)
+        if mesh.edp > 1:
+            self._all_reduce_grads(experts, "edp", divisor)
+        elif divisor > 1:
+            for p in experts:
+                if p.grad is not None:
+                    p.grad.div_(divisor)
 
     def grad_norm(self, params: list[torch.Tensor]) -> float:
-        """Global L2 norm: TP-split params summed over TP, TP-replicated ones counted once."""
-        if self.mesh.tp == 1:
-            return float(local_grad_norm_sq(params).sqrt())
-        sharded = [p for p in params if getattr(p, "_mm_tp_sharded", False)]
-        replicated = [p for p in params if not getattr(p, "_mm_tp_sharded", False)]
-        sq = local_grad_norm_sq(sharded)
-        if self.mesh.tp_rank == 0:
-            sq = sq + local_grad_norm_sq(replicated)
-        dist.all_reduce(sq, group=self.mesh.groups["tp"])
-        return float(sq.sqrt())
+        """Global L2 norm counting each logical gradient once: TP-split dense params summed over TP,
+        TP-replicated dense params taken from TP rank 0, expert params summed over EP (each EP rank
+        holds different experts; expert-DP replicas are identical after the reduction)."""
+        mesh = self.mesh
+        experts = [p for p in params if getattr(p, "_mm_expert", False)]
+        dense = [p for p in params if not getattr(p, "_mm_expert", False)]
+        sharded = [p for p in dense if getattr(p, "_mm_tp_sharded", False)]
+        replicated = [p for p in dense if not getattr(p, "_mm_tp_sharded", False)]
+        dense_sq = local_grad_norm_sq(sharded)
+        if mesh.tp_rank == 0:
+            dense_sq = dense_sq + local_grad_norm_sq(replicated)
+        if mesh.tp > 1:
+            dist.all_reduce(dense_sq, group=mesh.groups["tp"])
+        expert_sq = local_grad_norm_sq(experts)
+        if mesh.ep > 1:
+            dist.all_reduce(expert_sq, group=mesh.groups["ep"])
+        return float((dense_sq + expert_sq).sqrt())
 
     def train_step(self) -> dict[str, Any]:
         cfg, model = self.cfg, self.model

@@ -19,6 +19,7 @@ from megamoe.data.errors import DataError
 from megamoe.data.mock import MockGPTDataset
 from megamoe.data.sampler import SampleDataset
 from megamoe.model.openmoe import OpenMoEModel, count_parameters
+from megamoe.moe.dispatcher import EPTopology
 from megamoe.parallel.mesh import ParallelMesh, build_mesh, detect_launch, init_distributed
 from megamoe.parallel.tensor import TPContext
 from megamoe.training.checkpoint import CheckpointError, load_checkpoint
@@ -30,12 +31,10 @@ from megamoe.training.optim import build_optimizer
 def check_supported(cfg: Config) -> None:
     """Layouts whose parallel feature has not landed yet fail loudly instead of training wrongly."""
     p = cfg.parallel
-    for flag, value in (("--pipeline-model-parallel-size", p.pipeline_model_parallel_size),
-                        ("--expert-model-parallel-size", p.expert_model_parallel_size),
-                        ("--expert-tensor-parallel-size", p.expert_tensor_parallel_size)):
+    for flag, value in (("--pipeline-model-parallel-size", p.pipeline_model_parallel_size),):
         if value != 1:
-            raise ConfigError(f"{flag} {value} is not supported yet (data and tensor parallelism "
-                              "only); set it to 1")
+            raise ConfigError(f"{flag} {value} is not supported yet (data, tensor and expert "
+                              "parallelism only); set it to 1")
 
 
 def build_datasets(cfg: Config, mesh: ParallelMesh,
@@ -76,7 +75,8 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
     cfg.validate(mesh.world_size)
     check_supported(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = OpenMoEModel(cfg, tp=TPContext.from_mesh(mesh))
+    model = OpenMoEModel(cfg, tp=TPContext.from_mesh(mesh),
+                         ep=EPTopology.from_mesh(mesh, cfg.parallel.moe_hierarchical_alltoall))
     model.init_weights(cfg.train.seed)
     model.to(device)
     optimizer = build_optimizer(model, cfg.train)

@@ -1,0 +1,218 @@
+"""Megatron's mmap indexed dataset: a headerless ``.bin`` of tokens plus an ``.idx`` index.
+
+``.idx`` layout (little-endian, no padding), byte-compatible with megatron.core.datasets.indexed_dataset:
+
+    9 bytes  b"MMIDIDX\\x00\\x00"     magic
+    uint64   version = 1
+    uint8    dtype code              (DType below)
+    uint64   N                       sequences
+    uint64   D                       document index length (documents + 1)
+    int32[N] sequence lengths        in tokens
+    int64[N] sequence pointers       byte offsets into .bin
+    int64[D] document indices        sequence index where each document starts; starts with 0
+
+The reader maps both files and hands out numpy views (no copies, no reads until a token is touched).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from enum import IntEnum
+
+import numpy as np
+
+from megamoe.data.errors import DataError
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, N, D: 34 bytes
+
+
+class DType(IntEnum):
+    """Megatron's dtype codes in the .idx header."""
+
+    uint8 = 1
+    int8 = 2
+    int16 = 3
+    int32 = 4
+    int64 = 5
+    float64 = 6
+    float32 = 7
+    uint16 = 8
+
+    @classmethod
+    def code_of(cls, dtype: type[np.number] | np.dtype) -> int:
+        return cls[np.dtype(dtype).name].value
+
+    @classmethod
+    def dtype_of(cls, code: int) -> np.dtype:
+        return np.dtype(cls(code).name)
+
+    @staticmethod
+    def optimal_dtype(vocab_size: int | None) -> type[np.number]:
+        """Megatron's choice: uint16 below 65500 tokens, else int32."""
+        return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
+
+
+def idx_path(prefix: str) -> str:
+    return prefix + ".idx"
+
+
+def bin_path(prefix: str) -> str:
+    return prefix + ".bin"
+
+
+class IndexedDatasetBuilder:
+    """Streams token arrays into ``bin_path``; ``finalize(idx_path)`` writes the index."""
+
+    def __init__(self, bin_path: str, dtype: type[np.number] | np.dtype = np.int32) -> None:
+        self.dtype = np.dtype(dtype)
+        DType.code_of(self.dtype)  # fail early on a dtype the format cannot name
+        self.bin_path = bin_path
+        self._file = open(bin_path, "wb")
+        self._lengths: list[np.ndarray] = []  # chunks, so add_index of a large dataset stays cheap
+        self._pending: list[int] = []
+        self._doc_idx: list[np.ndarray] = [np.zeros(1, np.int64)]
+        self._pending_docs: list[int] = []
+        self._count = 0
+
+    def add_item(self, tokens: np.ndarray | list[int]) -> None:
+        """Append one sequence (in this codebase one sequence is one document)."""
+        arr = np.asarray(tokens)
+        if arr.dtype != self.dtype:
+            arr = arr.astype(self.dtype)
+        self._file.write(arr.tobytes(order="C"))
+        self._pending.append(arr.size)
+        self._count += 1
+
+    def end_document(self) -> None:
+        self._pending_docs.append(self._count)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._lengths.append(np.asarray(self._pending, np.int32))
+            self._pending = []
+        if self._pending_docs:
+            self._doc_idx.append(np.asarray(self._pending_docs, np.int64))
+            self._pending_docs = []
+
+    def add_index(self, other_prefix: str) -> None:
+        """Append every sequence and document of the dataset at ``other_prefix`` (for merging)."""
+        other = IndexedDataset(other_prefix)
+        if other.dtype != self.dtype:
+            raise DataError(f"{idx_path(other_prefix)}: dtype {other.dtype.name} differs from "
+                            f"{self.dtype.name} of the datasets before it; merge only datasets "
+                            "preprocessed with the same tokenizer")
+        self._flush()
+        self._lengths.append(np.array(other.sequence_lengths, np.int32))
+        self._doc_idx.append(self._count + np.asarray(other.document_indices[1:], np.int64))
+        self._count += len(other)
+        with open(bin_path(other_prefix), "rb") as f:
+            shutil.copyfileobj(f, self._file, 16 << 20)
+        del other
+
+    def finalize(self, idx_path: str) -> None:
+        self._flush()
+        self._file.close()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
+        doc_idx = np.concatenate(self._doc_idx)
+        write_index(idx_path, self.dtype, lengths, doc_idx)
+
+
+def write_index(path: str, dtype: np.dtype, lengths: np.ndarray, doc_idx: np.ndarray) -> None:
+    """Write an .idx for sequences of ``lengths`` tokens laid out back to back in the .bin."""
+    pointers = np.zeros(len(lengths), np.int64)
+    np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
+    pointers *= np.dtype(dtype).itemsize
+    with open(path, "wb") as f:
+        f.write(HEADER.pack(MAGIC, VERSION, DType.code_of(dtype), len(lengths), len(doc_idx)))
+        f.write(np.asarray(lengths, "<i4").tobytes())
+        f.write(pointers.astype("<i8").tobytes())
+        f.write(np.asarray(doc_idx, "<i8").tobytes())
+
+
+class IndexedDataset:
+    """Read-only view of ``prefix``.idx/.bin; ``ds[i]`` is sequence i as a numpy view of the .bin."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        ipath, bpath = idx_path(prefix), bin_path(prefix)
+        for path in (ipath, bpath):
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: not found; check --data-path (a prefix, without "
+                                ".bin/.idx) or run tools/preprocess_data.py")
+        self._read_index(ipath)
+        self._bin_size = os.path.getsize(bpath)
+        if len(self) and self._bin_size:
+            self._bin = np.memmap(bpath, dtype=np.uint8, mode="r")
+        else:  # np.memmap refuses empty files
+            self._bin = np.zeros(0, np.uint8)
+        end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize \
+            if len(self) else 0
+        if end > self._bin_size:
+            raise DataError(f"{bpath}: truncated: the index needs {end} bytes but the file has "
+                            f"{self._bin_size}; re-run preprocessing (or copy the file again)")
+        self._max_token: int | None = None
+
+    def _read_index(self, path: str) -> None:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(HEADER.size)
+        if len(head) < HEADER.size or head[:9] != MAGIC:
+            raise DataError(f"{path}: not a Megatron mmap index (bad magic {head[:9]!r}, expected "
+                            f"{MAGIC!r}); pass the prefix of a .idx written by preprocess_data.py")
+        _, version, code, n, d = HEADER.unpack(head)
+        if version != VERSION:
+            raise DataError(f"{path}: unsupported index version {version} (only {VERSION}); "
+                            "re-preprocess the data with this codebase or Megatron")
+        if code not in DType._value2member_map_:
+            raise DataError(f"{path}: unknown dtype code {code} (known: 1-8); the file is corrupt "
+                            "or from another format, re-run preprocessing")
+        need = HEADER.size + 12 * n + 8 * d
+        if size < need:
+            raise DataError(f"{path}: truncated index: header says {n} sequences and {d} document "
+                            f"entries ({need} bytes) but the file has {size}; re-run preprocessing")
+        self.dtype: np.dtype = DType.dtype_of(code)
+        idx = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        off = HEADER.size
+        self.sequence_lengths: np.ndarray = idx[off:off + 4 * n].view("<i4")
+        off += 4 * n
+        self.sequence_pointers: np.ndarray = idx[off:off + 8 * n].view("<i8")
+        off += 8 * n
+        self.document_indices: np.ndarray = idx[off:off + 8 * d].view("<i8")
+
+    def __len__(self) -> int:
+        return len(self.sequence_lengths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.get(i)
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens [offset, offset+length) of sequence i, a view into the mapped .bin."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sequence {i} out of range for {len(self)} sequences in {self.prefix}")
+        size = int(self.sequence_lengths[i])
+        length = size - offset if length is None else length
+        if offset < 0 or length < 0 or offset + length > size:
+            raise IndexError(f"tokens [{offset}, {offset + length}) outside sequence {i} of {size}")
+        start = int(self.sequence_pointers[i]) + offset * self.dtype.itemsize
+        return self._bin[start:start + length * self.dtype.itemsize].view(self.dtype)
+
+    def max_token_id(self) -> int:
+        """Largest token id in the .bin (one pass over the map, remembered); -1 when empty."""
+        if self._max_token is None:
+            tokens = self._bin[:self._used_bytes()].view(self.dtype)
+            self._max_token = int(tokens.max()) if tokens.size else -1
+            self._min_token = int(tokens.min()) if tokens.size else 0
+        return self._max_token
+
+    def min_token_id(self) -> int:
+        self.max_token_id()
+        return self._min_token
+
+    def _used_bytes(self) -> int:
+        if not len(self):
+            return 0
+        return int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
