@@ -168,7 +168,7 @@ class Trainer:
                     aux_loss=aux, z_loss=z, grad_norm=grad_norm, lr=lr, step_time=step_time,
                     tokens_per_sec=tokens / step_time, tflops=tflops,
                     mfu=tflops / self.peak_tflops if self.peak_tflops > 0 else 0.0,
-                    load_imbalance=stats.imbalance(), skipped=skipped)
+                    load_imbalance=stats.imbalance(), skipped=skipped, **stats.comm.as_dict())
 
     @torch.no_grad()
     def evaluate(self) -> float | None:

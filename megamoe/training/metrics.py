@@ -123,7 +123,15 @@ def format_line(rec: dict[str, Any], train_iters: int) -> str:
             f"aux loss: {rec['aux_loss']:.4E} | z loss: {rec['z_loss']:.4E} | "
             f"grad norm: {rec['grad_norm']:.4f} | tokens/s: {rec['tokens_per_sec']:.0f} | "
             f"TFLOP/s/device: {rec['tflops']:.4f} | MFU: {rec['mfu'] * 100:.1f}% | "
-            f"expert load max/mean: {rec['load_imbalance']:.2f}{skipped}")
+            f"expert load max/mean: {rec['load_imbalance']:.2f}{_a2a(rec)}{skipped}")
+
+
+def _a2a(rec: dict[str, Any]) -> str:
+    intra, inter = rec.get("a2a_bytes_intra", 0), rec.get("a2a_bytes_inter", 0)
+    if not intra and not inter:
+        return ""
+    return (f" | a2a sent intra/inter: {intra / 2**20:.2f}/{inter / 2**20:.2f} MiB in "
+            f"{rec['a2a_msgs_intra']}/{rec['a2a_msgs_inter']} msgs")
 
 
 def _flat_config(cfg: Config) -> dict[str, Any]:
