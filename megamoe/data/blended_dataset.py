@@ -31,12 +31,16 @@ def build_blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndar
     counts = [0] * len(w)
     which = np.empty(size, np.int16)
     within = np.empty(size, np.int64)
-    ds = range(len(w))
+    others = range(1, len(w))
     for i in range(size):
         x = float(max(i, 1))
-        d = max(ds, key=lambda k: w[k] * x - counts[k])  # max() keeps the first of equal errors
-        which[i], within[i] = d, counts[d]
-        counts[d] += 1
+        best, best_err = 0, w[0] * x - counts[0]
+        for k in others:
+            err = w[k] * x - counts[k]
+            if err > best_err:  # strict: equal errors keep the lower index, as Megatron
+                best, best_err = k, err
+        which[i], within[i] = best, counts[best]
+        counts[best] += 1
     return which, within
 
 

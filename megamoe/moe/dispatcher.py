@@ -229,3 +229,55 @@ def run_plan(x: torch.Tensor, plan: list[_Step], reverse: bool, counters: CommCo
             inv[step.perm] = torch.arange(len(step.perm))
             x = x[inv.to(x.device)]
     return x
+
+
+class _OverlappedExchange(torch.autograd.Function):
+    """K chunks through (all-to-all -> experts -> all-to-all back), pipelined: every dispatch is
+    started at once, and while chunk i's experts run, chunk i+1's rows are in flight and chunk i-1's
+    results travel back. Backward runs the same pipeline on gradients, calling autograd on each
+    chunk's saved expert graph (which also accumulates the expert weight gradients).
+
+    inputs: rows of each chunk ([N_i, H], sorted by destination); steps: each chunk's flat plan step;
+    expert_fn(i, received rows of chunk i) -> outputs for them.
+    """
+
+    @staticmethod
+    def forward(ctx, expert_fn, steps: list[_Step], *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from megamoe.parallel.comm import all_to_all_async
+
+        inflight = [all_to_all_async(r, s.out_splits, s.in_splits, s.group) for r, s in zip(rows, steps)]
+        track = any(ctx.needs_input_grad[2:])  # training: keep each chunk's expert graph
+        leaves, outs, back = [], [], []
+        for i, ((recv, work), step) in enumerate(zip(inflight, steps)):
+            work.wait()
+            leaf = recv.detach().requires_grad_(track)
+            with torch.set_grad_enabled(track):
+                y = expert_fn(i, leaf)
+            leaves.append(leaf)
+            outs.append(y)
+            back.append(all_to_all_async(y.detach(), step.in_splits, step.out_splits, step.group))
+        for _, work in back:
+            work.wait()
+        ctx.steps, ctx.leaves, ctx.outs = steps, leaves, outs
+        return tuple(buf for buf, _ in back)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        from megamoe.parallel.comm import all_to_all_async
+
+        steps = ctx.steps
+        inflight = [all_to_all_async(g, s.out_splits, s.in_splits, s.group) for g, s in zip(grads, steps)]
+        back = []
+        for (grad_y, work), leaf, y, step in zip(inflight, ctx.leaves, ctx.outs, steps):
+            work.wait()
+            torch.autograd.backward(y, grad_y)
+            back.append(all_to_all_async(leaf.grad, step.in_splits, step.out_splits, step.group))
+        for _, work in back:
+            work.wait()
+        ctx.leaves = ctx.outs = None
+        return (None, None, *(buf for buf, _ in back))
+
+
+def overlapped_exchange(expert_fn, steps: list[_Step], rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run :class:`_OverlappedExchange`; rows/steps per chunk, returns each chunk's combined rows."""
+    return list(_OverlappedExchange.apply(expert_fn, steps, *rows))

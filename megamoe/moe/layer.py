@@ -21,6 +21,7 @@ from megamoe.moe.dispatcher import (
     EPTopology,
     ExpertPlacement,
     exchange_plan,
+    overlapped_exchange,
     permute,
     run_plan,
     unpermute,
@@ -144,33 +145,57 @@ class MoELayer(nn.Module):
         # Capacity groups are the tokens this rank routes (under SP: its sequence shard).
         return route(logits, self.cfg.router_topk, self.capacity(t), reduce, total)
 
-    def _experts_over_ep(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """rows [N, H] sorted by dispatch position, counts [E] per expert in dispatch order ->
-        expert outputs for the same rows. Exchanges over EP when EP > 1."""
+    def _plan(self, counts: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """Exchange plan for rows with per-expert ``counts`` [E] (dispatch order) and the [src, slot]
+        counts of the rows this rank will receive."""
         topo = self.topo
-        if topo.size == 1:
-            return self.experts(rows, counts)
         ep, per = topo.size, self.cfg.num_experts // topo.size
         every = all_gather_rows(counts, topo.group).view(ep, ep, per)  # [src, dst, slot]
-        plan = exchange_plan(every.sum(-1), topo)
-        received = run_plan(rows, plan, False, self.stats.comm, topo)  # ordered by (src, slot)
-        mine = every[:, topo.index, :]  # [src, slot] rows I receive
-        slot_of_row = torch.arange(per, device=rows.device).repeat(ep).repeat_interleave(
-            mine.reshape(-1).to(rows.device))
-        order = torch.argsort(slot_of_row, stable=True)  # -> grouped by local expert
+        return exchange_plan(every.sum(-1), topo), every[:, topo.index, :]
+
+    def _local_experts(self, received: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+        """Rows received ordered by (src, slot) with [src, slot] counts ``mine`` -> expert outputs
+        in the same order (grouped by slot for the grouped GEMM, then put back)."""
+        ep, per = mine.shape
+        slot_of_row = torch.arange(per, device=received.device).repeat(ep).repeat_interleave(
+            mine.reshape(-1).to(received.device))
+        order = torch.argsort(slot_of_row, stable=True)
         y = self.experts(received[order], mine.sum(0))
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order), device=order.device)
-        return run_plan(y[inverse], plan, True, self.stats.comm, topo)
+        return y[inverse]
+
+    def _experts_over_ep(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows [N, H] sorted by dispatch position, counts [E] per expert in dispatch order ->
+        expert outputs for the same rows. Exchanges over EP when EP > 1."""
+        if self.topo.size == 1:
+            return self.experts(rows, counts)
+        plan, mine = self._plan(counts)
+        received = run_plan(rows, plan, False, self.stats.comm, self.topo)  # ordered by (src, slot)
+        return run_plan(self._local_experts(received, mine), plan, True, self.stats.comm, self.topo)
 
     def _dispatch_and_combine(self, xt: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """xt [T, H] and its routing -> sum_k combine_k * expert_k(x) [T, H], in K token chunks."""
+        """xt [T, H] and its routing -> sum_k combine_k * expert_k(x) [T, H].
+
+        With --moe-alltoall-chunks K the tokens go in K chunks; over a flat EP exchange the chunks
+        are pipelined (all-to-all of one chunk overlaps the experts of another)."""
         t = xt.shape[0]
-        out = []
-        for idx in torch.arange(t, device=xt.device).chunk(self.par.chunks):
-            part = routing if len(idx) == t else routing.select(idx)
-            rows, perm = permute(xt[idx] if len(idx) < t else xt, part, self.placement)
-            out.append(unpermute(self._experts_over_ep(rows, perm.counts), perm, len(idx)))
+        chunks = [idx for idx in torch.arange(t, device=xt.device).chunk(self.par.chunks)]
+        permuted = [permute(xt[idx] if len(idx) < t else xt, routing if len(idx) == t else
+                            routing.select(idx), self.placement) for idx in chunks]
+        if len(chunks) > 1 and self.topo.size > 1 and not self.topo.hierarchical:
+            plans = [self._plan(perm.counts) for _, perm in permuted]
+            steps = [plan[0] for plan, _ in plans]
+            for step in steps:  # dispatch and combine both send these rows' worth
+                self.stats.comm.add(step.in_splits, list(step.peers), self.topo.rank, self.topo.node_of,
+                                    xt.shape[-1] * xt.element_size())
+                self.stats.comm.add(step.out_splits, list(step.peers), self.topo.rank, self.topo.node_of,
+                                    xt.shape[-1] * xt.element_size())
+            ys = overlapped_exchange(lambda i, recv: self._local_experts(recv, plans[i][1]), steps,
+                                     [rows for rows, _ in permuted])
+        else:
+            ys = [self._experts_over_ep(rows, perm.counts) for rows, perm in permuted]
+        out = [unpermute(y, perm, len(idx)) for y, (_, perm), idx in zip(ys, permuted, chunks)]
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -188,3 +188,13 @@ def all_gather_rows(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor
     out = x.new_empty((n,) + tuple(x.shape[1:]))  # gathered along dim 0
     _all_gather_single(out, x, group=group)
     return out
+
+
+def all_to_all_async(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                     group: ProcessGroup) -> tuple[torch.Tensor, dist.Work]:
+    """Start an uneven all-to-all (no autograd); returns (output buffer, work handle to wait on)."""
+    x = x.contiguous()
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    work = dist.all_to_all_single(out, x, output_split_sizes=out_splits, input_split_sizes=in_splits,
+                                  group=group, async_op=True)
+    return out, work

@@ -23,10 +23,11 @@ class IdentityExperts(torch.nn.Module):
         return x
 
 
-def _layer(rank, world, ep, hierarchical=False, rpn=0, tp=1):
+def _layer(rank, world, ep, hierarchical=False, rpn=0, tp=1, chunks=1):
     mesh = ParallelMesh(world_size=world, rank=rank, ep=ep, tp=tp, ranks_per_node=rpn)
     mesh.build_groups()
-    par = MoEParallel(tp=TPContext.from_mesh(mesh), ep=EPTopology.from_mesh(mesh, hierarchical))
+    par = MoEParallel(tp=TPContext.from_mesh(mesh), ep=EPTopology.from_mesh(mesh, hierarchical),
+                      chunks=chunks)
     layer = MoELayer(1, H, 16, MoEConfig(num_experts=E, router_topk=K), 0.1, 0.1, MoEStats(), par=par)
     init_model_weights(layer, seed=1)
     return mesh, layer
@@ -47,8 +48,8 @@ def _routing(kind, rank, t=T):
                    aux_loss=torch.zeros(()), z_loss=torch.zeros(()))
 
 
-def _round_trip(rank, world, ep, kind, hierarchical, rpn):
-    mesh, layer = _layer(rank, world, ep, hierarchical, rpn)
+def _round_trip(rank, world, ep, kind, hierarchical, rpn, chunks=1):
+    mesh, layer = _layer(rank, world, ep, hierarchical, rpn, chunks=chunks)
     layer.experts = IdentityExperts()
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(rank)).requires_grad_()
     r = _routing(kind, rank)
@@ -60,7 +61,7 @@ def _round_trip(rank, world, ep, kind, hierarchical, rpn):
     t = torch.ones(1)
     torch.distributed.all_reduce(t)
     assert t.item() == world
-    return layer.experts.seen
+    return layer.experts.seen if chunks == 1 else True
 
 
 @pytest.mark.parametrize("ep", [2, 4, 8])
@@ -76,6 +77,11 @@ def test_hierarchical_round_trip_2_nodes_x_4():
     for kind in ("random", "all-to-one"):
         seen = run_ranks(8, _round_trip, 8, kind, True, 4)
         assert sum(seen) == 8 * T * K
+
+
+@pytest.mark.parametrize("kind", ["random", "all-to-one"])
+def test_overlapped_chunks_round_trip(kind):
+    assert all(run_ranks(4, _round_trip, 4, kind, False, 0, 3))
 
 
 def _counters(rank, world, ep, hierarchical, rpn):
@@ -159,7 +165,8 @@ TP = "--tensor-model-parallel-size"
     (4, [EP, "2", TP, "2", "--no-moe-tp-dedup"]),  # flat exchange of duplicated tokens
     (4, [EP, "2", TP, "2", "--sequence-parallel"]),
     (2, [EP, "2", "--moe-alltoall-chunks", "4"]),
-], ids=["ep2", "ep4", "ep2-tp2-dedup", "ep2-tp2-flat", "ep2-tp2-sp", "ep2-chunks4"])
+    (4, [EP, "2", TP, "2", "--moe-alltoall-chunks", "4"]),
+], ids=["ep2", "ep4", "ep2-tp2-dedup", "ep2-tp2-flat", "ep2-tp2-sp", "ep2-chunks4", "ep2-tp2-chunks4"])
 def test_ep_layout_invariance(single, world, extra):
     _same(single, train_losses(world, extra))
 

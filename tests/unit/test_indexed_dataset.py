@@ -1,0 +1,170 @@
+"""Megatron mmap indexed dataset: byte-exact format, zero-copy reads, one-line errors on bad files."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from megamoe.data.errors import DataError
+from megamoe.data.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
+
+DOCS = [[5, 6, 7], [1], [9, 9, 9, 9, 2], [], [65000, 3]]
+
+
+def write(prefix, docs, dtype) -> None:
+    b = IndexedDatasetBuilder(f"{prefix}.bin", dtype)
+    for d in docs:
+        b.add_item(np.array(d, dtype=np.int64))
+        b.end_document()
+    b.finalize(f"{prefix}.idx")
+
+
+def expected_idx(docs, code: int, itemsize: int) -> bytes:
+    lengths = [len(d) for d in docs]
+    pointers = [itemsize * sum(lengths[:i]) for i in range(len(docs))]
+    out = b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", code)
+    out += struct.pack("<Q", len(docs)) + struct.pack("<Q", len(docs) + 1)
+    out += struct.pack(f"<{len(docs)}i", *lengths) + struct.pack(f"<{len(docs)}q", *pointers)
+    return out + struct.pack(f"<{len(docs) + 1}q", *range(len(docs) + 1))
+
+
+@pytest.mark.parametrize("dtype,code", [(np.uint16, 8), (np.int32, 4)])
+def test_round_trip_and_header_bytes(tmp_path, dtype, code):
+    prefix = str(tmp_path / "ds")
+    write(prefix, DOCS, dtype)
+    itemsize = np.dtype(dtype).itemsize
+    assert (tmp_path / "ds.idx").read_bytes() == expected_idx(DOCS, code, itemsize)
+    assert (tmp_path / "ds.bin").read_bytes() == np.concatenate(
+        [np.array(d, dtype) for d in DOCS]).astype(f"<{np.dtype(dtype).char}").tobytes()
+    ds = IndexedDataset(prefix)
+    assert len(ds) == 5 and ds.dtype == np.dtype(dtype)
+    for i, d in enumerate(DOCS):
+        assert ds[i].dtype == np.dtype(dtype) and ds[i].tolist() == d
+    assert ds.sequence_lengths.tolist() == [3, 1, 5, 0, 2]
+    assert ds.document_indices.tolist() == [0, 1, 2, 3, 4, 5]
+    assert ds.get(2, offset=1, length=3).tolist() == [9, 9, 9]
+    assert ds.get(2, offset=3).tolist() == [9, 2]
+    assert ds[-1].tolist() == [65000, 3]
+    assert not ds[0].flags.owndata  # a view of the mapped file, not a copy
+    assert ds.max_token_id() == 65000 and ds.min_token_id() == 1
+    with pytest.raises(IndexError):
+        ds.get(0, offset=2, length=2)
+
+
+def test_dtype_codes_and_choice():
+    assert {d.name: d.value for d in DType} == {"uint8": 1, "int8": 2, "int16": 3, "int32": 4,
+                                               "int64": 5, "float64": 6, "float32": 7, "uint16": 8}
+    assert DType.optimal_dtype(65499) is np.uint16 and DType.optimal_dtype(65500) is np.int32
+    assert DType.optimal_dtype(None) is np.int32
+
+
+def test_multi_sequence_documents_and_add_index(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    builder = IndexedDatasetBuilder(f"{a}.bin", np.uint16)
+    for seq in ([1, 2], [3], [4, 5, 6]):
+        builder.add_item(seq)
+    builder.end_document()  # one document of three sequences
+    builder.add_item([7])
+    builder.end_document()
+    builder.finalize(f"{a}.idx")
+    write(b, [[8, 9], [10]], np.uint16)
+    merged = str(tmp_path / "m")
+    builder = IndexedDatasetBuilder(f"{merged}.bin", np.uint16)
+    builder.add_index(a)
+    builder.add_index(b)
+    builder.finalize(f"{merged}.idx")
+    ds = IndexedDataset(merged)
+    assert [ds[i].tolist() for i in range(len(ds))] == [[1, 2], [3], [4, 5, 6], [7], [8, 9], [10]]
+    assert ds.document_indices.tolist() == [0, 3, 4, 5, 6]
+    assert ds.sequence_pointers.tolist() == [0, 4, 6, 12, 14, 18]
+    other = IndexedDatasetBuilder(str(tmp_path / "x.bin"), np.int32)
+    with pytest.raises(DataError, match=r"a\.idx: dtype uint16 differs from int32"):
+        other.add_index(a)
+
+
+def one_line_error(prefix: str, match: str) -> str:
+    with pytest.raises(DataError, match=match) as e:
+        IndexedDataset(prefix)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def patch(path, offset: int, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+@pytest.fixture
+def good(tmp_path):
+    prefix = tmp_path / "ds"
+    write(str(prefix), DOCS, np.uint16)
+    return prefix
+
+
+def test_missing_files(good):
+    good.with_suffix(".bin").unlink()
+    assert "ds.bin: not found" in one_line_error(str(good), "not found")
+    good.with_suffix(".idx").unlink()
+    assert "ds.idx: not found" in one_line_error(str(good), "not found")
+
+
+def test_wrong_magic(good):
+    patch(good.with_suffix(".idx"), 0, b"NOTANIDX\x00")
+    assert "ds.idx: not a Megatron mmap index" in one_line_error(str(good), "bad magic")
+
+
+def test_wrong_version(good):
+    patch(good.with_suffix(".idx"), 9, struct.pack("<Q", 2))
+    assert "ds.idx: unsupported index version 2" in one_line_error(str(good), "version")
+
+
+def test_unknown_dtype_code(good):
+    patch(good.with_suffix(".idx"), 17, bytes([9]))
+    assert "ds.idx: unknown dtype code 9" in one_line_error(str(good), "dtype code")
+
+
+def test_truncated_bin(good):
+    path = good.with_suffix(".bin")
+    path.write_bytes(path.read_bytes()[:-2])
+    msg = one_line_error(str(good), "truncated")
+    assert "ds.bin: truncated: the index needs 22 bytes but the file has 20" in msg
+
+
+def test_truncated_idx(good):
+    path = good.with_suffix(".idx")
+    path.write_bytes(path.read_bytes()[:-8])
+    assert "ds.idx: truncated index: header says 5 sequences" in one_line_error(str(good), "truncated")
+    path.write_bytes(path.read_bytes()[:20])
+    one_line_error(str(good), "bad magic")  # shorter than the header itself
+
+
+def test_empty_dataset(tmp_path):
+    write(str(tmp_path / "e"), [], np.uint16)
+    ds = IndexedDataset(str(tmp_path / "e"))
+    assert len(ds) == 0 and ds.document_indices.tolist() == [0] and ds.max_token_id() == -1
+
+
+@pytest.mark.megatron
+def test_megatron_core_compat(tmp_path):
+    """Their builder -> our reader, and our builder -> their reader (skipped without megatron-core)."""
+    mcore = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    torch = pytest.importorskip("torch")
+    for dtype in (np.uint16, np.int32):
+        theirs, ours = str(tmp_path / f"theirs{dtype.__name__}"), str(tmp_path / f"ours{dtype.__name__}")
+        builder = mcore.IndexedDatasetBuilder(f"{theirs}.bin", dtype=dtype)
+        for d in DOCS:
+            builder.add_item(torch.tensor(d, dtype=torch.int64))
+            builder.end_document()
+        builder.finalize(f"{theirs}.idx")
+        ds = IndexedDataset(theirs)
+        assert [ds[i].tolist() for i in range(len(ds))] == DOCS and ds.dtype == np.dtype(dtype)
+        write(ours, DOCS, dtype)
+        assert (tmp_path / f"{ours}.idx").read_bytes() == (tmp_path / f"{theirs}.idx").read_bytes()
+        their = mcore.IndexedDataset(ours)
+        assert [their[i].tolist() for i in range(len(their))] == DOCS
+        assert their.get(2, offset=1, length=3).tolist() == [9, 9, 9]
+        assert their.document_indices.tolist() == list(range(6))
