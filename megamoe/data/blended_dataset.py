@@ -48,7 +48,7 @@ class BlendedDataset:
     """``size`` samples drawn from ``datasets`` in the proportions of ``weights``."""
 
     def __init__(self, datasets: Sequence, weights: Sequence[float], size: int,
-                 cache_dir: str | None = None, cache_key: dict | None = None, is_rank0: bool = True,
+                 cache_dir: str | None = None, cache_key: list | dict | None = None, is_rank0: bool = True,
                  barrier: Callable[[], None] = lambda: None) -> None:
         if len(datasets) != len(weights):
             raise DataError(f"{len(datasets)} datasets but {len(weights)} blend weights; give one "

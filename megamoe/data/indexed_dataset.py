@@ -145,16 +145,20 @@ class IndexedDataset:
                                 ".bin/.idx) or run tools/preprocess_data.py")
         self._read_index(ipath)
         self._bin_size = os.path.getsize(bpath)
-        if len(self) and self._bin_size:
-            self._bin = np.memmap(bpath, dtype=np.uint8, mode="r")
-        else:  # np.memmap refuses empty files
-            self._bin = np.zeros(0, np.uint8)
-        end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize \
-            if len(self) else 0
+        end = self._used_bytes()
         if end > self._bin_size:
             raise DataError(f"{bpath}: truncated: the index needs {end} bytes but the file has "
                             f"{self._bin_size}; re-run preprocessing (or copy the file again)")
+        # np.memmap refuses empty files
+        self._bin = np.memmap(bpath, dtype=np.uint8, mode="r") if self._bin_size else np.zeros(0, np.uint8)
         self._max_token: int | None = None
+        self._min_token = 0
+
+    def __getstate__(self) -> dict:
+        return {"prefix": self.prefix}  # pickling a memmap would copy the whole file: reopen instead
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["prefix"])
 
     def _read_index(self, path: str) -> None:
         size = os.path.getsize(path)
@@ -175,7 +179,7 @@ class IndexedDataset:
             raise DataError(f"{path}: truncated index: header says {n} sequences and {d} document "
                             f"entries ({need} bytes) but the file has {size}; re-run preprocessing")
         self.dtype: np.dtype = DType.dtype_of(code)
-        idx = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        idx = np.memmap(path, dtype=np.uint8, mode="r")
         off = HEADER.size
         self.sequence_lengths: np.ndarray = idx[off:off + 4 * n].view("<i4")
         off += 4 * n

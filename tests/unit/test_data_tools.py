@@ -82,7 +82,7 @@ def test_tokenizer(corpus):
 def test_tokenizer_without_eos(tmp_path):
     import sentencepiece as spm
 
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a b c d e f g h"] * 50), vocab_size=20,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a b c d e f g h"] * 50), vocab_size=12,
                                    model_prefix=str(tmp_path / "noeos"), eos_id=-1, minloglevel=2)
     with pytest.raises(DataError, match="has no EOS piece"):
         build_tokenizer("SentencePieceTokenizer", str(tmp_path / "noeos.model"))
@@ -115,7 +115,8 @@ def test_merge_datasets(corpus):
     preprocess(corpus, "small", inp="small.jsonl")
     tool("merge_datasets.py", "--input", corpus / "w1_text_document", corpus / "small_text_document",
          "--output-prefix", corpus / "merged" / "all")
-    a, b = IndexedDataset(str(corpus / "w1_text_document")), IndexedDataset(str(corpus / "small_text_document"))
+    a = IndexedDataset(str(corpus / "w1_text_document"))
+    b = IndexedDataset(str(corpus / "small_text_document"))
     m = IndexedDataset(str(corpus / "merged" / "all"))
     assert len(m) == len(a) + len(b)
     assert [m[i].tolist() for i in range(len(m))] == [a[i].tolist() for i in range(len(a))] + \

@@ -182,6 +182,18 @@ def test_blended_dataset_returns_inner_samples():
         BlendedDataset([a, b[:2]], [0.7, 0.3], 10)
 
 
+def test_blend_indices_cached(tmp_path, monkeypatch):
+    a, b = [np.array([i]) for i in range(7)], [np.array([i]) for i in range(3)]
+    first = BlendedDataset([a, b], [0.7, 0.3], 10, cache_dir=str(tmp_path), cache_key=["a", "b"])
+    assert len(list(tmp_path.glob("blend-*.npy"))) == 2
+    monkeypatch.setattr("megamoe.data.blended_dataset.build_blending_indices",
+                        lambda *a: pytest.fail("blend indices rebuilt although cached"))
+    again = BlendedDataset([a, b], [0.7, 0.3], 10, cache_dir=str(tmp_path), cache_key=["a", "b"])
+    np.testing.assert_array_equal(again.dataset_index, first.dataset_index)
+    with pytest.raises(pytest.fail.Exception):  # another blend (other components): a new key
+        BlendedDataset([a, b], [0.7, 0.3], 10, cache_dir=str(tmp_path), cache_key=["a", "c"])
+
+
 def test_split_boundaries_megatron_rule():
     assert split_boundaries("969,30,1", 1000) == [0, 969, 999, 1000]
     assert split_boundaries("98,2,0", 100) == [0, 98, 100, 100]

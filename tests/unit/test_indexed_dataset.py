@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import struct
 
 import numpy as np
@@ -51,6 +52,8 @@ def test_round_trip_and_header_bytes(tmp_path, dtype, code):
     assert ds.max_token_id() == 65000 and ds.min_token_id() == 1
     with pytest.raises(IndexError):
         ds.get(0, offset=2, length=2)
+    blob = pickle.dumps(ds)  # for data-loader workers: reopens the files rather than copying them
+    assert len(blob) < 200 and pickle.loads(blob)[2].tolist() == DOCS[2]
 
 
 def test_dtype_codes_and_choice():

@@ -1,0 +1,86 @@
+"""Build a JSONL text corpus ({"text": ...} per line) from sources available offline.
+
+    python tools/make_corpus.py --source python-stdlib --output corpus.jsonl [--max-bytes N]
+
+``python-stdlib``: one document per .py file of the running interpreter's standard library (code with
+English docstrings, ~13 MB), in sorted path order so the corpus is the same on every run; test
+directories, site-packages and unreadable or empty files are skipped. ``--max-bytes N`` keeps, in that
+order, each file that still fits in N bytes of UTF-8 text (a quick corpus for tests and the quickstart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megamoe.data.errors import DataError  # noqa: E402
+
+# Test suites are large, repetitive and full of deliberately odd code; packages are not the stdlib.
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def stdlib_files(root: str | None = None) -> list[str]:
+    """Sorted paths of the standard library's .py files, test and third-party directories excluded."""
+    root = root or sysconfig.get_paths()["stdlib"]
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: standard library source directory not found; this Python ships "
+                        "without .py sources, run make_corpus.py with another interpreter")
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+        paths += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+    return sorted(paths, key=lambda p: os.path.relpath(p, root))
+
+
+def stdlib_documents(root: str | None = None) -> Iterator[str]:
+    for path in stdlib_files(root):
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError):  # unreadable or not UTF-8: not worth failing over
+            continue
+        if text.strip():
+            yield text
+
+
+def write_corpus(output: str, max_bytes: int | None = None, root: str | None = None) -> tuple[int, int]:
+    """Write the corpus; returns (documents, UTF-8 bytes of text)."""
+    docs = nbytes = 0
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output + ".tmp", "w", encoding="utf-8") as out:
+        for text in stdlib_documents(root):
+            size = len(text.encode("utf-8"))
+            if max_bytes is not None and nbytes + size > max_bytes:
+                continue  # skip a file too big for what is left, so smaller ones fill the budget
+            out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            docs, nbytes = docs + 1, nbytes + size
+    if docs == 0:
+        os.remove(output + ".tmp")
+        raise DataError(f"{output}: no document fits in --max-bytes {max_bytes}; raise --max-bytes")
+    os.replace(output + ".tmp", output)  # a finished corpus or none: never a half-written one
+    return docs, nbytes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", required=True, choices=["python-stdlib"])
+    p.add_argument("--output", required=True, help="JSONL file to write")
+    p.add_argument("--max-bytes", type=int, default=None, help="stop before the text passes N bytes")
+    args = p.parse_args(argv)
+    try:
+        docs, nbytes = write_corpus(args.output, args.max_bytes)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {docs} documents, {nbytes / 1e6:.2f} MB of text to {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
