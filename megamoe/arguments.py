@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved 1F1B: layers per model chunk (virtual stage)")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
     g.add_argument("--moe-hierarchical-alltoall", action="store_true",
                    help="intra-node exchange, then one inter-node all-to-all per local rank")
     g.add_argument("--moe-alltoall-chunks", type=int, default=1,
@@ -185,6 +189,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         moe_hierarchical_alltoall=args.moe_hierarchical_alltoall,
         moe_alltoall_chunks=args.moe_alltoall_chunks, moe_tp_dedup=args.moe_tp_dedup,
         moe_ranks_per_node=args.moe_ranks_per_node,
+        num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
+        decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
+        decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
         distributed_timeout_minutes=args.distributed_timeout_minutes)
     train = TrainConfig(
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,

@@ -96,8 +96,22 @@ class ParallelConfig:
     moe_alltoall_chunks: int = 1
     moe_tp_dedup: bool = True  # TP>1 without SP: each TP rank dispatches only its 1/TP of tokens
     moe_ranks_per_node: int = 0  # 0: from the launcher (LOCAL_WORLD_SIZE) or MEGAMOE_RANKS_PER_NODE
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    decoder_first_pipeline_num_layers: int | None = None
+    decoder_last_pipeline_num_layers: int | None = None
     distributed_backend: str | None = None  # None: nccl with CUDA, gloo otherwise
     distributed_timeout_minutes: float = 10.0
+
+    def virtual_stages(self, num_layers: int) -> int:
+        """Model chunks per pipeline rank (1 without interleaving)."""
+        per = self.num_layers_per_virtual_pipeline_stage
+        if per is None:
+            return 1
+        pp = self.pipeline_model_parallel_size
+        _check(per > 0 and num_layers % (per * pp) == 0,
+               f"--num-layers-per-virtual-pipeline-stage {per} x --pipeline-model-parallel-size {pp} "
+               f"does not divide --num-layers {num_layers}")
+        return num_layers // (per * pp)
 
     def validate(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
@@ -109,6 +123,8 @@ class ParallelConfig:
         _check(self.moe_alltoall_chunks >= 1,
                f"--moe-alltoall-chunks must be >= 1, got {self.moe_alltoall_chunks}")
         _check(self.moe_ranks_per_node >= 0, "--moe-ranks-per-node must be >= 0")
+        _check(self.num_layers_per_virtual_pipeline_stage is None or self.pipeline_model_parallel_size > 1,
+               "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
         _check(self.expert_tensor_parallel_size == 1,
                "--expert-tensor-parallel-size > 1 is not supported yet; experts are whole on each rank")
         _check(self.distributed_backend in (None, "gloo", "nccl"),
@@ -231,10 +247,17 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     _check(not p.sequence_parallel or m.seq_length % tp == 0,
            f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size {tp}, "
            "which --sequence-parallel needs")
-    _check(m.num_layers % pp == 0,
-           f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    from megamoe.parallel.pipeline import stage_layer_ranges  # raises ConfigError on a bad split
+
+    vp = p.virtual_stages(m.num_layers)
+    stage_layer_ranges(m.num_layers, pp, vp, p.decoder_first_pipeline_num_layers,
+                       p.decoder_last_pipeline_num_layers)
     dp = world_size // (tp * pp)
     t = cfg.train
     _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
            f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
            f"{t.micro_batch_size} x data-parallel size {dp}")
+    n_mb = t.global_batch_size // (t.micro_batch_size * dp)
+    _check(vp == 1 or (n_mb >= pp and n_mb % pp == 0),
+           f"interleaved pipelining needs the micro-batches per step ({n_mb} = --global-batch-size / "
+           f"(--micro-batch-size x DP)) to be a multiple of --pipeline-model-parallel-size {pp}")

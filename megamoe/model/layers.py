@@ -26,6 +26,44 @@ def gated_act(h: torch.Tensor) -> torch.Tensor:
     return x1 * F.silu(x2)
 
 
+class _GatedMul(torch.autograd.Function):
+    """``gated_act(h_gate) * h_up`` = x1 * silu(x2) * up, fused.
+
+    Saves only its two inputs (the unfused graph also keeps silu(x2) and x1*silu(x2)); backward
+    recomputes silu(x2) and writes both halves of the gate gradient into one tensor (no cat). Same
+    operations in the same order as the unfused autograd graph, so the results match it bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, h_gate: torch.Tensor, h_up: torch.Tensor) -> torch.Tensor:
+        x1, x2 = h_gate.chunk(2, dim=-1)
+        ctx.save_for_backward(h_gate, h_up)
+        return F.silu(x2).mul_(x1).mul_(h_up)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        h_gate, h_up = ctx.saved_tensors
+        x1, x2 = h_gate.chunk(2, dim=-1)
+        s = F.silu(x2)
+        d_gate = d_up = None
+        if ctx.needs_input_grad[0]:
+            d_gate = torch.empty(h_gate.shape, dtype=h_gate.dtype, device=h_gate.device)
+            d1, d2 = d_gate.chunk(2, dim=-1)
+            t = grad * h_up  # d(x1 * silu(x2))
+            torch.mul(t, s, out=d1)
+            torch.ops.aten.silu_backward.grad_input(t.mul_(x1), x2, grad_input=d2)
+        if ctx.needs_input_grad[1]:
+            d_up = grad * s.mul_(x1)
+        return d_gate, d_up
+
+
+def gated_mul(h_gate: torch.Tensor, h_up: torch.Tensor) -> torch.Tensor:
+    """OpenMoE FFN hidden: ``gated_act(h_gate) * h_up`` (h_gate [..., 2I], h_up [..., I]) as one fused op."""
+    if h_gate.shape[-1] != 2 * h_up.shape[-1]:
+        raise ValueError(f"gate width {h_gate.shape[-1]} != 2 x up width {h_up.shape[-1]}")
+    return _GatedMul.apply(h_gate, h_up)
+
+
 class RMSNorm(nn.Module):
     """T5-style RMSNorm (no mean subtraction, no bias), statistics in fp32."""
 
@@ -116,7 +154,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.tp.enter(x)
-        return self.down_proj(gated_act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 def output_std(std: float, num_layers: int) -> float:

@@ -53,50 +53,86 @@ class DecoderLayer(nn.Module):
 
 
 class OpenMoEModel(nn.Module):
-    """Decoder-only OpenMoE. ``layers`` selects the global layer range this model holds.
+    """Decoder-only OpenMoE, or one pipeline chunk of it.
 
-    Under TP the embedding and LM head split the (padded) vocabulary and the loss is a
-    vocab-parallel cross-entropy; under SP the residual stream is [b, s/tp, h] between them.
+    layers: the global layer range held; pre_process: holds the embedding (first stage);
+    post_process: holds the final norm and LM head (last stage). Under TP the embedding and LM head
+    split the (padded) vocabulary and the loss is a vocab-parallel cross-entropy; under SP the
+    residual stream is [b, s/tp, h] between them.
     """
 
     def __init__(self, cfg: Config, layers: range | None = None, tp: TPContext | None = None,
-                 ep: EPTopology | None = None) -> None:
+                 ep: EPTopology | None = None, pre_process: bool = True, post_process: bool = True,
+                 stats: MoEStats | None = None) -> None:
         super().__init__()
         m = cfg.model
         self.cfg, self.tp = cfg, tp or TPContext()
+        self.pre_process, self.post_process = pre_process, post_process
         moe_par = MoEParallel(tp=self.tp, ep=ep or EPTopology.single(),
                               tp_dedup=cfg.parallel.moe_tp_dedup, chunks=cfg.parallel.moe_alltoall_chunks)
         self.vocab_size = m.padded_vocab_size(self.tp.size)
         self.layer_range = layers if layers is not None else range(m.num_layers)
-        self.moe_stats = MoEStats()
-        self.embed_tokens = VocabParallelEmbedding(self.vocab_size, m.hidden_size, self.tp,
-                                                   m.init_method_std)
+        self.moe_stats = stats or MoEStats()
+        if pre_process:
+            self.embed_tokens = VocabParallelEmbedding(self.vocab_size, m.hidden_size, self.tp,
+                                                       m.init_method_std)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, self.moe_stats, self.tp, moe_par)
                                      for i in self.layer_range})
-        self.norm = RMSNorm(m.hidden_size, m.norm_epsilon)
-        # untied LM head, split by vocabulary rows: logits stay [b, s, V/tp]
-        self.lm_head = ColumnParallelLinear(m.hidden_size, self.vocab_size, self.tp, m.init_method_std)
+        if post_process:
+            self.norm = RMSNorm(m.hidden_size, m.norm_epsilon)
+            # untied LM head, split by vocabulary rows: logits stay [b, s, V/tp]
+            self.lm_head = ColumnParallelLinear(m.hidden_size, self.vocab_size, self.tp, m.init_method_std)
 
     def init_weights(self, seed: int) -> None:
         init_model_weights(self, seed)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: [b, s] int64 (full sequence on every TP rank) -> logits [b, s, V_padded / tp]."""
-        x = self.embed_tokens(tokens)  # [b, s/tp, h] under SP
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers.values():
             x = layer(x)
-        return self.lm_head(self.tp.enter(self.norm(x)))
+        return x
 
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor,
-             loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[b, s(/tp), h] -> logits [b, s, V_padded / tp]."""
+        return self.lm_head(self.tp.enter(self.norm(hidden)))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [b, s] int64 (full sequence on every TP rank) -> logits [b, s, V_padded / tp]."""
+        return self.logits(self.decode(self.embed_tokens(tokens)))
+
+    def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor,
+                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over the (unmasked) tokens of this micro-batch, fp32."""
-        logits = self(tokens)
         per_token = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 self.tp, self.embed_tokens.vocab_start)
+                                                 self.tp, self.tp.shard_range(self.vocab_size).start)
         if loss_mask is None:
             return per_token.mean()
         mask = loss_mask.reshape(-1).float()
         return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor,
+             loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_loss(self(tokens), labels, loss_mask)
+
+    def stage_forward(self, tokens: torch.Tensor, hidden: torch.Tensor | None,
+                      labels: torch.Tensor) -> torch.Tensor:
+        """One pipeline chunk: (tokens on the first stage | received hidden) -> hidden, or the LM
+        loss on the last stage."""
+        x = self.embed_tokens(tokens) if self.pre_process else hidden
+        x = self.decode(x)
+        return self.lm_loss(self.logits(x), labels) if self.post_process else x
+
+
+class StageModel(nn.Module):
+    """This rank's model chunks (one per virtual pipeline stage), sharing one MoEStats."""
+
+    def __init__(self, chunks: list[OpenMoEModel]) -> None:
+        super().__init__()
+        self.chunks = nn.ModuleList(chunks)
+        self.moe_stats = chunks[0].moe_stats
+
+    def init_weights(self, seed: int) -> None:
+        for chunk in self.chunks:
+            chunk.init_weights(seed)
 
 
 def count_parameters(cfg: Config) -> dict[str, int]:

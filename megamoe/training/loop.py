@@ -1,9 +1,10 @@
 """The training loop: micro-batch gradient accumulation, data-parallel gradient reduction, clipping,
 AdamW, LR schedule, evaluation, checkpoints and metrics.
 
-One step (no pipeline):
-  Forward/backward  each micro-batch of this DP rank, loss / micro-batches (router losses ride along
-                    through MoELayer's autograd hook with the same 1 / micro-batches scale)
+One step:
+  Forward/backward  this DP rank's micro-batches under the schedule (no pipeline / 1F1B /
+                    interleaved), loss / micro-batches (router losses ride along through
+                    MoELayer's autograd hook with the same 1 / micro-batches scale)
   Reduce            dense grads averaged over DP, expert grads over expert-DP
   Update            global grad norm -> skip if non-finite, clip, lr(iteration), optimizer step
 """
@@ -22,8 +23,16 @@ from torch import nn
 
 from megamoe.config import Config
 from megamoe.data.sampler import SampleDataset, micro_batches
-from megamoe.model.openmoe import OpenMoEModel
+from megamoe.model.openmoe import StageModel
 from megamoe.parallel.mesh import ParallelMesh
+from megamoe.parallel.pipeline import P2P
+from megamoe.parallel.schedules import (
+    StepContext,
+    forward_only,
+    interleaved_one_f_one_b,
+    no_pipeline,
+    one_f_one_b,
+)
 from megamoe.training.checkpoint import TrainState, save_checkpoint
 from megamoe.training.lr import learning_rate
 from megamoe.training.metrics import MetricsLogger, model_flops_per_token
@@ -34,13 +43,14 @@ from megamoe.training.optim import clip_grads, local_grad_norm_sq
 class Trainer:
     cfg: Config
     mesh: ParallelMesh
-    model: OpenMoEModel
+    model: StageModel
     optimizer: torch.optim.Optimizer
     train_data: SampleDataset
     valid_data: SampleDataset | None
     logger: MetricsLogger
     device: torch.device
     peak_tflops: float
+    p2p: P2P | None = None
     state: TrainState = field(default_factory=TrainState)
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -124,7 +134,41 @@ class Trainer:
         expert_sq = local_grad_norm_sq(experts)
         if mesh.ep > 1:
             dist.all_reduce(expert_sq, group=mesh.groups["ep"])
-        return float((dense_sq + expert_sq).sqrt())
+        total = dense_sq + expert_sq
+        if mesh.pp > 1:  # every stage holds different layers
+            dist.all_reduce(total, group=mesh.groups["pp"])
+        return float(total.sqrt())
+
+    def _step_context(self, dataset: SampleDataset, consumed: int, loss_scale: float) -> StepContext:
+        return StepContext(chunks=list(self.model.chunks), batches=list(self._batches(dataset, consumed)),
+                           pp=self.mesh.pp, rank=self.mesh.pp_rank, p2p=self.p2p, loss_scale=loss_scale)
+
+    def _schedule(self):
+        if self.mesh.pp == 1:
+            return no_pipeline
+        return interleaved_one_f_one_b if len(self.model.chunks) > 1 else one_f_one_b
+
+    def _sum_over(self, group_name: str, values: list[float], size: int) -> list[float]:
+        if size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, group=self.mesh.groups[group_name])
+        return t.tolist()
+
+    def _global_losses(self, lm_sum: float, n_mb: int) -> tuple[float, float, float, float]:
+        """LM loss from the last stage, router losses per MoE layer from every stage, as global
+        means over DP; and the expert load imbalance (max over stages)."""
+        mesh, stats = self.mesh, self.model.moe_stats
+        aux, z = stats.aux, stats.z
+        if mesh.sequence_parallel and mesh.tp > 1:  # per-rank shares -> the layers' losses
+            aux, z = self._sum_over("tp", [aux, z], mesh.tp)
+        lm_sum, aux, z, calls = self._sum_over("pp", [lm_sum, aux, z, float(stats.calls)], mesh.pp)
+        calls = max(calls, 1.0)
+        lm, aux, z = self._dp_mean([lm_sum / n_mb, aux / calls, z / calls])
+        imbalance = torch.tensor([stats.imbalance()])
+        if mesh.pp > 1:
+            dist.all_reduce(imbalance, op=dist.ReduceOp.MAX, group=mesh.groups["pp"])
+        return lm, aux, z, float(imbalance)
 
     def train_step(self) -> dict[str, Any]:
         cfg, model = self.cfg, self.model
@@ -133,13 +177,12 @@ class Trainer:
         model.train()
         n_mb = self.num_micro_batches
         model.moe_stats.reset(grad_scale=1.0 / n_mb)
-        # Forward/backward over this rank's micro-batches.
-        lm_total = 0.0
-        for tokens, labels in self._batches(self.train_data, self.state.consumed_samples):
-            with self._autocast():
-                loss = model.loss(tokens, labels)
-            (loss / n_mb).backward()
-            lm_total += float(loss.detach())
+        if self.p2p is not None:
+            self.p2p.busy_wait_s = 0.0
+        # Forward/backward of this rank's micro-batches under the pipeline schedule.
+        ctx = self._step_context(self.train_data, self.state.consumed_samples, 1.0 / n_mb)
+        with self._autocast():
+            self._schedule()(ctx)
         # Reduce, then update.
         self.reduce_gradients()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -153,22 +196,20 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state = TrainState(iteration, self.state.consumed_samples + cfg.train.global_batch_size)
-        stats = model.moe_stats
-        calls = max(stats.calls, 1)
-        aux, z = stats.aux / calls, stats.z / calls
-        if self.mesh.sequence_parallel and self.mesh.tp > 1:  # per-rank shares -> the layers' losses
-            shares = torch.tensor([aux, z], dtype=torch.float64)
-            dist.all_reduce(shares, group=self.mesh.groups["tp"])
-            aux, z = shares.tolist()
-        lm, aux, z = self._dp_mean([lm_total / n_mb, aux, z])
+        lm, aux, z, imbalance = self._global_losses(sum(ctx.losses), n_mb)
         step_time = time.perf_counter() - t0
         tokens = cfg.train.global_batch_size * cfg.model.seq_length
         tflops = model_flops_per_token(cfg) * tokens / step_time / self.mesh.world_size / 1e12
-        return dict(iteration=iteration, consumed_samples=self.state.consumed_samples, lm_loss=lm,
-                    aux_loss=aux, z_loss=z, grad_norm=grad_norm, lr=lr, step_time=step_time,
-                    tokens_per_sec=tokens / step_time, tflops=tflops,
-                    mfu=tflops / self.peak_tflops if self.peak_tflops > 0 else 0.0,
-                    load_imbalance=stats.imbalance(), skipped=skipped, **stats.comm.as_dict())
+        rec = dict(iteration=iteration, consumed_samples=self.state.consumed_samples, lm_loss=lm,
+                   aux_loss=aux, z_loss=z, grad_norm=grad_norm, lr=lr, step_time=step_time,
+                   tokens_per_sec=tokens / step_time, tflops=tflops,
+                   mfu=tflops / self.peak_tflops if self.peak_tflops > 0 else 0.0,
+                   load_imbalance=imbalance, skipped=skipped, **model.moe_stats.comm.as_dict())
+        if self.mesh.pp > 1:
+            # pipeline bubble: share of the step this rank spent outside forward/backward compute
+            idle = self._sum_over("pp", [1.0 - ctx.compute_s / step_time], self.mesh.pp)[0] / self.mesh.pp
+            rec.update(pp_idle_frac=idle, pp_max_in_flight=ctx.max_in_flight)
+        return rec
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -176,14 +217,15 @@ class Trainer:
         if self.valid_data is None or self.cfg.train.eval_iters == 0:
             return None
         self.model.eval()
-        losses = []
-        gbs = self.cfg.train.global_batch_size
+        gbs, n_mb, total = self.cfg.train.global_batch_size, self.num_micro_batches, 0.0
         for i in range(self.cfg.train.eval_iters):
-            for tokens, labels in self._batches(self.valid_data, i * gbs):
-                with self._autocast():
-                    losses.append(float(self.model.loss(tokens, labels)))
+            ctx = self._step_context(self.valid_data, i * gbs, 1.0)
+            with self._autocast():
+                forward_only(ctx)
+            total += sum(ctx.losses)
         self.model.train()
-        return self._dp_mean([sum(losses) / len(losses)])[0]
+        total = self._sum_over("pp", [total], self.mesh.pp)[0]
+        return self._dp_mean([total / (n_mb * self.cfg.train.eval_iters)])[0]
 
     def save(self) -> None:
         if self.cfg.train.save:

@@ -18,23 +18,16 @@ from megamoe.config import Config, ConfigError
 from megamoe.data.errors import DataError
 from megamoe.data.mock import MockGPTDataset
 from megamoe.data.sampler import SampleDataset
-from megamoe.model.openmoe import OpenMoEModel, count_parameters
+from megamoe.model.openmoe import OpenMoEModel, StageModel, count_parameters
 from megamoe.moe.dispatcher import EPTopology
+from megamoe.moe.layer import MoEStats
 from megamoe.parallel.mesh import ParallelMesh, build_mesh, detect_launch, init_distributed
+from megamoe.parallel.pipeline import P2P, stage_layer_ranges
 from megamoe.parallel.tensor import TPContext
 from megamoe.training.checkpoint import CheckpointError, load_checkpoint
 from megamoe.training.loop import Trainer
 from megamoe.training.metrics import MetricsLogger, measure_peak_tflops
 from megamoe.training.optim import build_optimizer
-
-
-def check_supported(cfg: Config) -> None:
-    """Layouts whose parallel feature has not landed yet fail loudly instead of training wrongly."""
-    p = cfg.parallel
-    for flag, value in (("--pipeline-model-parallel-size", p.pipeline_model_parallel_size),):
-        if value != 1:
-            raise ConfigError(f"{flag} {value} is not supported yet (data, tensor and expert "
-                              "parallelism only); set it to 1")
 
 
 def build_datasets(cfg: Config, mesh: ParallelMesh,
@@ -67,16 +60,31 @@ def build_datasets(cfg: Config, mesh: ParallelMesh,
     return cfg, train, valid
 
 
+def build_stage_model(cfg: Config, mesh: ParallelMesh) -> StageModel:
+    """This rank's model chunks: virtual stage v = chunk * PP + pp_rank holds the v-th layer range;
+    the first virtual stage owns the embedding, the last the final norm and LM head."""
+    p = cfg.parallel
+    vp = p.virtual_stages(cfg.model.num_layers)
+    ranges = stage_layer_ranges(cfg.model.num_layers, mesh.pp, vp, p.decoder_first_pipeline_num_layers,
+                                p.decoder_last_pipeline_num_layers)
+    tp, ep = TPContext.from_mesh(mesh), EPTopology.from_mesh(mesh, p.moe_hierarchical_alltoall)
+    stats = MoEStats()
+    chunks = []
+    for c in range(vp):
+        v = c * mesh.pp + mesh.pp_rank
+        chunks.append(OpenMoEModel(cfg, ranges[v], tp, ep, pre_process=v == 0,
+                                   post_process=v == len(ranges) - 1, stats=stats))
+    return StageModel(chunks)
+
+
 def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None,
              ) -> list[dict[str, Any]]:
     """Train as configured inside an existing mesh; returns the per-iteration records."""
     device = device or torch.device("cpu")
     cfg, train_data, valid_data = build_datasets(cfg, mesh)
     cfg.validate(mesh.world_size)
-    check_supported(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = OpenMoEModel(cfg, tp=TPContext.from_mesh(mesh),
-                         ep=EPTopology.from_mesh(mesh, cfg.parallel.moe_hierarchical_alltoall))
+    model = build_stage_model(cfg, mesh)
     model.init_weights(cfg.train.seed)
     model.to(device)
     optimizer = build_optimizer(model, cfg.train)
@@ -86,7 +94,14 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
     logger.info(f" > parameters: {counts['total']:,} total, {counts['active']:,} active per token")
     peak = cfg.train.peak_tflops or measure_peak_tflops(
         device, torch.bfloat16 if cfg.train.bf16 and device.type == "cuda" else torch.float32)
-    trainer = Trainer(cfg, mesh, model, optimizer, train_data, valid_data, logger, device, peak)
+    p2p = None
+    if mesh.pp > 1:
+        ring, r = mesh.members["pp"], mesh.pp_rank  # wraps around for virtual stages
+        seq = cfg.model.seq_length // (mesh.tp if mesh.sequence_parallel else 1)
+        p2p = P2P(next=ring[(r + 1) % mesh.pp], prev=ring[(r - 1) % mesh.pp],
+                  shape=(cfg.train.micro_batch_size, seq, cfg.model.hidden_size), dtype=torch.float32,
+                  device=device)
+    trainer = Trainer(cfg, mesh, model, optimizer, train_data, valid_data, logger, device, peak, p2p)
     if cfg.train.load:
         state = load_checkpoint(cfg.train.load, model, optimizer, mesh.rank, mesh.world_size)
         if state is not None:
@@ -103,7 +118,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = parse_args(argv)
         info = detect_launch()
         cfg.validate(info.world_size)  # layout errors before any collective starts
-        check_supported(cfg)
     except ConfigError as e:
         print(f"error: {e}", flush=True)
         return 2
