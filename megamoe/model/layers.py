@@ -29,9 +29,10 @@ def gated_act(h: torch.Tensor) -> torch.Tensor:
 class _GatedMul(torch.autograd.Function):
     """``gated_act(h_gate) * h_up`` = x1 * silu(x2) * up, fused.
 
-    Saves only its two inputs (the unfused graph also keeps silu(x2) and x1*silu(x2)); backward
-    recomputes silu(x2) and writes both halves of the gate gradient into one tensor (no cat). Same
-    operations in the same order as the unfused autograd graph, so the results match it bit for bit.
+    Saves only its two inputs (the unfused graph also keeps silu(x2) and x1*silu(x2)); forward allocates
+    one tensor, backward two: the [..., 2I] gate gradient, whose halves are written in place (no cat),
+    and the up gradient, built in the buffer of the recomputed silu(x2). Every product is the one the
+    unfused autograd graph forms, so the results match it bit for bit.
     """
 
     @staticmethod
@@ -44,16 +45,17 @@ class _GatedMul(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         h_gate, h_up = ctx.saved_tensors
         x1, x2 = h_gate.chunk(2, dim=-1)
-        s = F.silu(x2)
+        s = F.silu(x2)  # recomputed (not saved); becomes d_up's buffer
         d_gate = d_up = None
         if ctx.needs_input_grad[0]:
             d_gate = torch.empty(h_gate.shape, dtype=h_gate.dtype, device=h_gate.device)
             d1, d2 = d_gate.chunk(2, dim=-1)
-            t = grad * h_up  # d(x1 * silu(x2))
-            torch.mul(t, s, out=d1)
-            torch.ops.aten.silu_backward.grad_input(t.mul_(x1), x2, grad_input=d2)
+            torch.mul(grad, h_up, out=d1)  # d(x1 * silu(x2))
+            torch.mul(d1, x1, out=d2)  # d silu(x2)
+            torch.ops.aten.silu_backward.grad_input(d2, x2, grad_input=d2)  # d x2, in place
+            d1.mul_(s)  # d x1
         if ctx.needs_input_grad[1]:
-            d_up = grad * s.mul_(x1)
+            d_up = s.mul_(x1).mul_(grad)
         return d_gate, d_up
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from megamoe.model.init import tag
-from megamoe.model.layers import gated_act
+from megamoe.model.layers import gated_mul
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -47,15 +47,56 @@ class _GroupedMM(torch.autograd.Function):
         return dx, dw, None
 
 
+class _LoopMM(torch.autograd.Function):
+    """The same contract as _GroupedMM, one GEMM per group, each written straight into its rows of one
+    output (no cat, and an empty group's weight gradient is its only zero fill)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.counts = counts
+        y = x.new_empty(x.shape[0], w.shape[-1])
+        for g, (lo, hi) in enumerate(_bounds(counts)):
+            if hi > lo:
+                torch.mm(x[lo:hi], w[g], out=y[lo:hi])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, w = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+        dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_w else None
+        for g, (lo, hi) in enumerate(_bounds(ctx.counts)):
+            if hi == lo:
+                if need_w:
+                    dw[g].zero_()
+                continue
+            if need_x:
+                torch.mm(dy[lo:hi], w[g].t(), out=dx[lo:hi])
+            if need_w:
+                torch.mm(x[lo:hi].t(), dy[lo:hi], out=dw[g])
+        return dx, dw, None
+
+
+def _bounds(counts: list[int]) -> list[tuple[int, int]]:
+    out, lo = [], 0
+    for n in counts:
+        out.append((lo, lo + n))
+        lo += n
+    return out
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, grouped: bool = True,
                ) -> torch.Tensor:
     """x: [N, K] rows sorted by group, w: [G, K, M], counts: [G] rows per group -> [N, M]."""
     if grouped and grouped_mm_supported(x.device, x.dtype):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return _GroupedMM.apply(x, w, offs)
-    chunks = torch.split(x, counts.tolist())
-    outs = [chunk @ w[g] for g, chunk in enumerate(chunks)]
-    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
+    sizes = counts.tolist()
+    if sum(sizes) != x.shape[0]:
+        raise ValueError(f"counts sum to {sum(sizes)}, x has {x.shape[0]} rows")
+    return _LoopMM.apply(x, w, sizes)
 
 
 class GroupedExperts(nn.Module):
@@ -80,5 +121,5 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, H] sorted by local expert, counts: [E_local] -> [N, H]."""
         g = self.grouped
-        act = gated_act(grouped_mm(x, self.wi_gate, counts, g))  # [N, I]
-        return grouped_mm(act * grouped_mm(x, self.wi_up, counts, g), self.wo, counts, g)
+        act = gated_mul(grouped_mm(x, self.wi_gate, counts, g), grouped_mm(x, self.wi_up, counts, g))
+        return grouped_mm(act, self.wo, counts, g)  # act: [N, I]

@@ -195,6 +195,53 @@ def interleaved_one_f_one_b(ctx: StepContext) -> None:
             grads[nb].append(g)
 
 
+def all_forward_all_backward(ctx: StepContext) -> None:
+    """GPipe-style reference (not used for training): every forward, then every backward, so all
+    micro-batches' activations are alive at once. Kept to measure what 1F1B saves."""
+    p2p, first, last = ctx.p2p, ctx.is_first(0), ctx.is_last(0)
+    inputs, outputs = [], []
+    for _ in ctx.batches:
+        x, _ = p2p.exchange(recv_prev=not first)
+        y = ctx.forward(0, x)
+        p2p.exchange(send_next=None if last else y)
+        deallocate_output(None if last else y)
+        inputs.append(x)
+        outputs.append(y)
+    for x, y in zip(inputs, outputs):
+        _, g = p2p.exchange(recv_next=not last)
+        gx = ctx.backward(x, y, g)
+        p2p.exchange(send_prev=None if first else gx)
+
+
+class ActivationMeter:
+    """Peak bytes of tensors saved for backward (activations), via saved-tensor hooks: a saved
+    tensor counts from when autograd packs it until its graph is freed."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = 0
+
+    def __enter__(self) -> ActivationMeter:
+        meter = self
+
+        class _Held:
+            __slots__ = ("t", "n")
+
+            def __init__(self, t: torch.Tensor) -> None:
+                self.t, self.n = t, t.numel() * t.element_size()
+                meter.live += self.n
+                meter.peak = max(meter.peak, meter.live)
+
+            def __del__(self) -> None:
+                meter.live -= self.n
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(_Held, lambda held: held.t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
 def forward_only(ctx: StepContext) -> None:
     """Evaluation: every micro-batch through every virtual stage in order, no backward."""
     p2p = ctx.p2p
