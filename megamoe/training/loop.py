@@ -181,8 +181,10 @@ class Trainer:
             self.p2p.busy_wait_s = 0.0
         # Forward/backward of this rank's micro-batches under the pipeline schedule.
         ctx = self._step_context(self.train_data, self.state.consumed_samples, 1.0 / n_mb)
+        t_sched = time.perf_counter()
         with self._autocast():
             self._schedule()(ctx)
+        t_sched = time.perf_counter() - t_sched
         # Reduce, then update.
         self.reduce_gradients()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -206,8 +208,8 @@ class Trainer:
                    mfu=tflops / self.peak_tflops if self.peak_tflops > 0 else 0.0,
                    load_imbalance=imbalance, skipped=skipped, **model.moe_stats.comm.as_dict())
         if self.mesh.pp > 1:
-            # pipeline bubble: share of the step this rank spent outside forward/backward compute
-            idle = self._sum_over("pp", [1.0 - ctx.compute_s / step_time], self.mesh.pp)[0] / self.mesh.pp
+            # pipeline bubble: share of the schedule this rank spent outside forward/backward compute
+            idle = self._sum_over("pp", [1.0 - ctx.compute_s / t_sched], self.mesh.pp)[0] / self.mesh.pp
             rec.update(pp_idle_frac=idle, pp_max_in_flight=ctx.max_in_flight)
         return rec
 
