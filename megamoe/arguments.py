@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="ZeRO: shard fp32 masters and AdamW state over DP (dense) and expert-DP (experts)")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="start each gradient bucket's reduction as soon as it is complete")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true")
     prec = g.add_mutually_exclusive_group()
     prec.add_argument("--bf16", action="store_true")
     prec.add_argument("--fp32", action="store_true")
@@ -200,6 +205,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         lr_decay_style=args.lr_decay_style, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         clip_grad=args.clip_grad, seed=args.seed, bf16=args.bf16, log_interval=args.log_interval,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_grad_reduce=args.overlap_grad_reduce, grad_reduce_in_bf16=args.grad_reduce_in_bf16,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, save=args.save,
         load=args.load, save_interval=args.save_interval, metrics_file=args.metrics_file,
         wandb_project=args.wandb_project, wandb_exp_name=args.wandb_exp_name,

@@ -148,6 +148,9 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     bf16: bool = False
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    grad_reduce_in_bf16: bool = False
     log_interval: int = 10
     eval_interval: int = 1000
     eval_iters: int = 10

@@ -33,10 +33,11 @@ from megamoe.parallel.schedules import (
     no_pipeline,
     one_f_one_b,
 )
+from megamoe.parallel.zero import DistributedOptimizer
 from megamoe.training.checkpoint import TrainState, save_checkpoint
 from megamoe.training.lr import learning_rate
 from megamoe.training.metrics import MetricsLogger, model_flops_per_token
-from megamoe.training.optim import clip_grads, local_grad_norm_sq
+from megamoe.training.optim import clip_coefficient, clip_grads, local_grad_norm_sq
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Trainer:
     cfg: Config
     mesh: ParallelMesh
     model: StageModel
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | DistributedOptimizer
     train_data: SampleDataset
     valid_data: SampleDataset | None
     logger: MetricsLogger
@@ -60,7 +61,8 @@ class Trainer:
         return t.global_batch_size // (t.micro_batch_size * self.mesh.dp)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.train.bf16:
+        """bf16 autocast only when the weights themselves are not bf16 (plain optimizer path)."""
+        if self.cfg.train.bf16 and not isinstance(self.optimizer, DistributedOptimizer):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -101,15 +103,14 @@ class Trainer:
            replicas); when TP ranks dispatch identical tokens (TP > 1, no SP, no dedup), each token
            was counted TP times, so divide by TP too.
         """
-        mesh, par = self.mesh, self.cfg.parallel
+        mesh = self.mesh
         dense = [p for p in self.model.parameters() if not getattr(p, "_mm_expert", False)]
         experts = [p for p in self.model.parameters() if getattr(p, "_mm_expert", False)]
         if mesh.sequence_parallel and mesh.tp > 1:
             self._all_reduce_grads([p for p in dense if getattr(p, "_mm_sp_replicated", False)], "tp", 1)
         if mesh.dp > 1:
             self._all_reduce_grads(dense, "dp", mesh.dp)
-        duplicated = mesh.tp > 1 and not mesh.sequence_parallel and not par.moe_tp_dedup
-        divisor = mesh.dp * (mesh.tp if duplicated else 1)
+        divisor = expert_grad_divisor(mesh, self.cfg)
         if mesh.edp > 1:
             self._all_reduce_grads(experts, "edp", divisor)
         elif divisor > 1:
@@ -120,21 +121,23 @@ class Trainer:
     def grad_norm(self, params: list[torch.Tensor]) -> float:
         """Global L2 norm counting each logical gradient once: TP-split dense params summed over TP,
         TP-replicated dense params taken from TP rank 0, expert params summed over EP (each EP rank
-        holds different experts; expert-DP replicas are identical after the reduction)."""
+        holds different experts; expert-DP replicas are identical after the reduction), all summed
+        over pipeline stages. With ZeRO the parts come from the reduced shards."""
         mesh = self.mesh
-        experts = [p for p in params if getattr(p, "_mm_expert", False)]
-        dense = [p for p in params if not getattr(p, "_mm_expert", False)]
-        sharded = [p for p in dense if getattr(p, "_mm_tp_sharded", False)]
-        replicated = [p for p in dense if not getattr(p, "_mm_tp_sharded", False)]
-        dense_sq = local_grad_norm_sq(sharded)
-        if mesh.tp_rank == 0:
-            dense_sq = dense_sq + local_grad_norm_sq(replicated)
+        if isinstance(self.optimizer, DistributedOptimizer):
+            sharded_sq, replicated_sq, expert_sq = self.optimizer.grad_norm_sq_parts()
+        else:
+            experts = [p for p in params if getattr(p, "_mm_expert", False)]
+            dense = [p for p in params if not getattr(p, "_mm_expert", False)]
+            sharded_sq = local_grad_norm_sq([p for p in dense if getattr(p, "_mm_tp_sharded", False)])
+            replicated_sq = local_grad_norm_sq([p for p in dense if not getattr(p, "_mm_tp_sharded", False)])
+            expert_sq = local_grad_norm_sq(experts)
+        dense_sq = sharded_sq + (replicated_sq if mesh.tp_rank == 0 else 0.0)
         if mesh.tp > 1:
             dist.all_reduce(dense_sq, group=mesh.groups["tp"])
-        expert_sq = local_grad_norm_sq(experts)
         if mesh.ep > 1:
             dist.all_reduce(expert_sq, group=mesh.groups["ep"])
-        total = dense_sq + expert_sq
+        total = (dense_sq + expert_sq).double()
         if mesh.pp > 1:  # every stage holds different layers
             dist.all_reduce(total, group=mesh.groups["pp"])
         return float(total.sqrt())
@@ -181,22 +184,31 @@ class Trainer:
             self.p2p.busy_wait_s = 0.0
         # Forward/backward of this rank's micro-batches under the pipeline schedule.
         ctx = self._step_context(self.train_data, self.state.consumed_samples, 1.0 / n_mb)
+        zero = self.optimizer if isinstance(self.optimizer, DistributedOptimizer) else None
+        if zero is not None:
+            zero.start_step(n_mb)
         t_sched = time.perf_counter()
         with self._autocast():
             self._schedule()(ctx)
         t_sched = time.perf_counter() - t_sched
         # Reduce, then update.
-        self.reduce_gradients()
+        if zero is not None:
+            zero.finish_grad_sync()
+        else:
+            self.reduce_gradients()
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = self.grad_norm(params)
         lr = learning_rate(cfg.train, iteration)
         skipped = not math.isfinite(grad_norm)
-        if not skipped:
+        if not skipped and zero is not None:
+            zero.clip(clip_coefficient(grad_norm, cfg.train.clip_grad))
+            zero.step(lr)
+        elif not skipped:
             clip_grads(params, torch.tensor(grad_norm), cfg.train.clip_grad)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         self.state = TrainState(iteration, self.state.consumed_samples + cfg.train.global_batch_size)
         lm, aux, z, imbalance = self._global_losses(sum(ctx.losses), n_mb)
         step_time = time.perf_counter() - t0
@@ -252,6 +264,14 @@ class Trainer:
         if t.save and (not t.save_interval or self.state.iteration % t.save_interval):
             self.save()
         return self.history
+
+
+def expert_grad_divisor(mesh: ParallelMesh, cfg: Config) -> int:
+    """Expert grads are SUMMED over expert-DP (every token reached one expert copy) and divided by
+    this: DP (the loss is a mean over DP replicas), times TP when TP ranks dispatched identical
+    tokens (TP > 1 without SP and without the TP-deduplicated exchange)."""
+    duplicated = mesh.tp > 1 and not mesh.sequence_parallel and not cfg.parallel.moe_tp_dedup
+    return mesh.dp * (mesh.tp if duplicated else 1)
 
 
 def sync_params_check(model: nn.Module, mesh: ParallelMesh) -> None:

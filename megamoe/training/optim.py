@@ -31,11 +31,16 @@ def local_grad_norm_sq(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(sq).sum() if sq else torch.zeros(())
 
 
+def clip_coefficient(total_norm: float, max_norm: float) -> float:
+    """Factor that brings the global norm to at most max_norm (1.0: no clipping; 0 disables)."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (total_norm + 1e-6))
+
+
 def clip_grads(params: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
     """Scale gradients so their global norm is at most max_norm (0 disables)."""
-    if max_norm <= 0:
-        return
-    coeff = max_norm / (float(total_norm) + 1e-6)
+    coeff = clip_coefficient(float(total_norm), max_norm)
     if coeff < 1.0:
         for p in params:
             if p.grad is not None:

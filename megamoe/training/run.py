@@ -24,8 +24,9 @@ from megamoe.moe.layer import MoEStats
 from megamoe.parallel.mesh import ParallelMesh, build_mesh, detect_launch, init_distributed
 from megamoe.parallel.pipeline import P2P, stage_layer_ranges
 from megamoe.parallel.tensor import TPContext
+from megamoe.parallel.zero import DistributedOptimizer
 from megamoe.training.checkpoint import CheckpointError, load_checkpoint
-from megamoe.training.loop import Trainer
+from megamoe.training.loop import Trainer, expert_grad_divisor
 from megamoe.training.metrics import MetricsLogger, measure_peak_tflops
 from megamoe.training.optim import build_optimizer
 
@@ -85,10 +86,22 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
     cfg.validate(mesh.world_size)
     torch.manual_seed(cfg.train.seed)
     model = build_stage_model(cfg, mesh)
+    logger = MetricsLogger(cfg, enabled=mesh.rank == 0)
     model.init_weights(cfg.train.seed)
     model.to(device)
-    optimizer = build_optimizer(model, cfg.train)
-    logger = MetricsLogger(cfg, enabled=mesh.rank == 0)
+    if cfg.train.bf16 and cfg.train.use_distributed_optimizer:
+        model.to(torch.bfloat16)  # bf16 compute weights; fp32 masters live in the optimizer
+    if cfg.train.use_distributed_optimizer:
+        optimizer = DistributedOptimizer(
+            model, cfg.train, mesh, expert_grad_divisor(mesh, cfg),
+            overlap_grad_reduce=cfg.train.overlap_grad_reduce,
+            grad_reduce_dtype=torch.bfloat16 if cfg.train.grad_reduce_in_bf16 else torch.float32)
+        mem = optimizer.memory_bytes()
+    else:
+        optimizer = build_optimizer(model, cfg.train)
+        n = sum(p.numel() * p.element_size() for p in model.parameters())
+        mem = dict(params=n, grads=n, master=0, optimizer=2 * n)
+    logger.info(" > memory per rank (MiB): " + ", ".join(f"{k} {v / 2**20:.2f}" for k, v in mem.items()))
     counts = count_parameters(cfg)
     logger.info(f" > {mesh.describe()}")
     logger.info(f" > parameters: {counts['total']:,} total, {counts['active']:,} active per token")
@@ -99,7 +112,8 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
         ring, r = mesh.members["pp"], mesh.pp_rank  # wraps around for virtual stages
         seq = cfg.model.seq_length // (mesh.tp if mesh.sequence_parallel else 1)
         p2p = P2P(next=ring[(r + 1) % mesh.pp], prev=ring[(r - 1) % mesh.pp],
-                  shape=(cfg.train.micro_batch_size, seq, cfg.model.hidden_size), dtype=torch.float32,
+                  shape=(cfg.train.micro_batch_size, seq, cfg.model.hidden_size),
+                  dtype=next(model.parameters()).dtype,
                   device=device)
     trainer = Trainer(cfg, mesh, model, optimizer, train_data, valid_data, logger, device, peak, p2p)
     if cfg.train.load:

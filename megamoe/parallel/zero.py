@@ -1,0 +1,280 @@
+"""Heterogeneous ZeRO (EZ-MoE style): dense parameters sharded over the data-parallel group, expert
+parameters over the (smaller, node-local) expert-data-parallel group, so expert optimizer state and
+parameter syncs never leave their group.
+
+Per group ("dense" over DP, "expert" over expert-DP):
+  grad buffer   one contiguous fp32 buffer for all its parameters, padded to a multiple of the group
+                size; each backward adds a parameter's gradient into its view (post-accumulate hook),
+                so micro-batches accumulate in fp32 whatever the compute dtype
+  reduce        reduce-scatter over the group (each rank keeps the summed 1/N shard), bucketed;
+                with --overlap-grad-reduce a bucket starts as soon as its last gradient arrived
+  master        fp32 copies of this rank's shard only, cut per parameter so weight decay follows
+                Megatron's groups; AdamW state exists for the shard only (ZeRO stage 1 semantics:
+                gradients are reduced to shards, the full grad buffer is kept for accumulation)
+  update        AdamW on the shard, then the parameter shard is written back and all-gathered
+The buffer layout depends only on the parameters this rank holds, i.e. on the placement table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megamoe.config import TrainConfig
+from megamoe.parallel.comm import _all_gather_single, _reduce_scatter_single
+from megamoe.parallel.mesh import ParallelMesh
+
+
+@dataclass
+class _Bucket:
+    """A slice [start, end) of the group's flat buffer, padded to a multiple of the group size, so
+    every rank owns 1/N of every bucket and a bucket reduces with one reduce-scatter."""
+
+    start: int
+    end: int
+    params: list[nn.Parameter]
+    pending: int = 0
+    work: object | None = None
+    out: torch.Tensor | None = None
+
+    def shard(self, rank: int, size: int) -> tuple[int, int]:
+        per = (self.end - self.start) // size
+        return self.start + rank * per, self.start + (rank + 1) * per
+
+
+@dataclass
+class _Group:
+    """Flat buffers of one parameter group (dense or expert) and its reduction group."""
+
+    name: str
+    params: list[nn.Parameter]
+    group: dist.ProcessGroup | None
+    replicas: int  # ranks holding a copy (gradients are reduced over them)
+    size: int  # ranks the state is sharded over (replicas with ZeRO, 1 without)
+    rank: int
+    divisor: float  # gradient sum -> mean
+    offsets: dict[int, int] = field(default_factory=dict)  # id(param) -> start in the flat buffer
+    grad: torch.Tensor | None = None
+    buckets: list[_Bucket] = field(default_factory=list)
+
+    def shards(self) -> list[tuple[_Bucket, int, int]]:
+        return [(b, *b.shard(self.rank, self.size)) for b in self.buckets]
+
+
+class DistributedOptimizer:
+    """AdamW over fp32 master shards with sharded reduction; see the module docstring.
+
+    shard=False keeps full masters and all-reduces instead (mixed-precision optimizer without ZeRO).
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, expert_divisor: float,
+                 shard: bool = True, overlap_grad_reduce: bool = False, bucket_numel: int = 1 << 22,
+                 grad_reduce_dtype: torch.dtype = torch.float32) -> None:
+        self.cfg, self.mesh, self.shard_enabled = cfg, mesh, shard
+        self._sp_tp_group = mesh.groups.get("tp") if mesh.sequence_parallel and mesh.tp > 1 else None
+        self.overlap, self.reduce_dtype = overlap_grad_reduce, grad_reduce_dtype
+        params = [p for p in model.parameters() if p.requires_grad]
+        dense = [p for p in params if not getattr(p, "_mm_expert", False)]
+        experts = [p for p in params if getattr(p, "_mm_expert", False)]
+        self._expected = 1
+        self.groups = [g for g in (
+            self._make_group("dense", dense, "dp", mesh.dp, mesh.coord("dp"), float(mesh.dp), bucket_numel),
+            self._make_group("expert", experts, "edp", mesh.edp, mesh.coord("edp"), expert_divisor,
+                             bucket_numel)) if g.params]
+        self._build_masters()
+        for g in self.groups:
+            for b in g.buckets:
+                for p in b.params:
+                    p.register_post_accumulate_grad_hook(self._make_hook(g, b, p))
+
+    # -- layout -----------------------------------------------------------------------------------
+    def _make_group(self, name: str, params: list[nn.Parameter], group_name: str, replicas: int, rank: int,
+                    divisor: float, bucket_numel: int) -> _Group:
+        size = replicas if self.shard_enabled else 1
+        g = _Group(name, params, self.mesh.groups.get(group_name) if replicas > 1 else None, replicas, size,
+                   rank if self.shard_enabled else 0, divisor)
+        offset, bucket_start, bucket_params = 0, 0, []
+
+        def close_bucket() -> None:
+            nonlocal offset, bucket_start, bucket_params
+            offset += (-(offset - bucket_start)) % size  # pad the bucket to a multiple of size
+            g.buckets.append(_Bucket(bucket_start, offset, bucket_params))
+            bucket_start, bucket_params = offset, []
+
+        # Reverse order: roughly the order backward produces gradients, so buckets fill in turn.
+        for p in reversed(params):
+            g.offsets[id(p)] = offset
+            offset += p.numel()
+            bucket_params.append(p)
+            if offset - bucket_start >= bucket_numel:
+                close_bucket()
+        if bucket_params:
+            close_bucket()
+        device = params[0].device if params else torch.device("cpu")
+        g.grad = torch.zeros(offset, dtype=torch.float32, device=device)
+        return g
+
+    def _build_masters(self) -> None:
+        """fp32 master pieces for every (param, owned shard) overlap, in decay / no-decay groups."""
+        self.pieces: list[tuple[nn.Parameter, _Group, int, int, torch.Tensor]] = []
+        decay, no_decay = [], []
+        for g in self.groups:
+            for bucket, lo, hi in g.shards():
+                for p in bucket.params:
+                    start = g.offsets[id(p)]
+                    a, b = max(lo, start), min(hi, start + p.numel())
+                    if a >= b:
+                        continue
+                    master = p.detach().reshape(-1)[a - start:b - start].float().clone()
+                    master.grad = g.grad[a:b]  # view: the reduced shard lands here
+                    self.pieces.append((p, g, a, b, master))
+                    (no_decay if p.ndim == 1 else decay).append(master)
+        on_gpu = any(m.is_cuda for *_, m in self.pieces)
+        self.inner = torch.optim.AdamW(
+            [dict(params=decay, weight_decay=self.cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+            lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), eps=self.cfg.adam_eps,
+            fused=True if on_gpu else None)
+
+    # -- gradients --------------------------------------------------------------------------------
+    def _make_hook(self, g: _Group, bucket: _Bucket, p: nn.Parameter):
+        start = g.offsets[id(p)]
+
+        def hook(param: torch.Tensor) -> None:
+            g.grad[start:start + param.numel()].add_(param.grad.reshape(-1))
+            param.grad = None  # the buffer holds it now: no second full-size gradient
+            bucket.pending += 1
+            if self.overlap and bucket.pending == self._expected * len(bucket.params):
+                self._launch_ready(g)
+
+        return hook
+
+    def start_step(self, micro_batches: int) -> None:
+        """Before the step's backwards: how many gradients each parameter will receive."""
+        self._expected = micro_batches
+        for g in self.groups:
+            for b in g.buckets:
+                b.pending, b.work, b.out = 0, None, None
+
+    def _launch_ready(self, g: _Group) -> None:
+        """Start reductions of complete buckets, strictly in bucket order (the same on every rank)."""
+        for b in g.buckets:
+            if b.work is not None:
+                continue
+            if b.pending < self._expected * len(b.params):
+                return
+            self._reduce(g, b, async_op=True)
+
+    def _reduce(self, g: _Group, b: _Bucket, async_op: bool) -> None:
+        if self._sp_tp_group is not None:
+            # SP: TP-replicated params saw only a sequence shard; sum over TP before DP reduces
+            for p in b.params:
+                if getattr(p, "_mm_sp_replicated", False):
+                    start = g.offsets[id(p)]
+                    dist.all_reduce(g.grad[start:start + p.numel()], group=self._sp_tp_group)
+        if g.group is None:
+            b.work = True
+            return
+        view = g.grad[b.start:b.end]
+        buf = view if self.reduce_dtype == torch.float32 else view.to(self.reduce_dtype)
+        if self.shard_enabled:  # each rank keeps the summed 1/N of the bucket
+            b.out = torch.empty((b.end - b.start) // g.size, dtype=buf.dtype, device=buf.device)
+            work = _reduce_scatter_single(b.out, buf, group=g.group, async_op=async_op)
+        else:
+            b.out = buf
+            work = dist.all_reduce(buf, group=g.group, async_op=async_op)
+        b.work = work if async_op else True
+
+    def finish_grad_sync(self) -> None:
+        """Wait for (or run) every bucket's reduction and scale the owned shards to the mean."""
+        for g in self.groups:
+            for b, lo, hi in g.shards():
+                if b.work is None:
+                    self._reduce(g, b, async_op=False)
+                elif b.work is not True:
+                    b.work.wait()
+                if b.out is not None and b.out.data_ptr() != g.grad[lo:hi].data_ptr():
+                    g.grad[lo:hi].copy_(b.out if self.shard_enabled else b.out[lo - b.start:hi - b.start])
+                g.grad[lo:hi].div_(g.divisor)
+
+    # -- norm, clip, step -------------------------------------------------------------------------
+    def grad_norm_sq_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(TP-split dense, TP-replicated dense, expert) squared norms over this rank's shards, each
+        summed over its sharding group."""
+        parts = []
+        for want in ("sharded", "replicated", "expert"):
+            sq = torch.zeros((), dtype=torch.float64)
+            for p, g, _, _, master in self.pieces:
+                kind = "expert" if g.name == "expert" else (
+                    "sharded" if getattr(p, "_mm_tp_sharded", False) else "replicated")
+                if kind == want:
+                    sq += master.grad.double().pow(2).sum().cpu()
+            group = next((g for g in self.groups if g.name == ("expert" if want == "expert" else "dense")),
+                         None)
+            if group is not None and group.group is not None and self.shard_enabled:  # shards -> whole
+                dist.all_reduce(sq, group=group.group)
+            parts.append(sq)
+        return parts[0], parts[1], parts[2]
+
+    def clip(self, coeff: float) -> None:
+        if coeff < 1.0:
+            for *_, master in self.pieces:
+                master.grad.mul_(coeff)
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+        self.inner.step()
+        for g in self.groups:  # write each updated shard back, all-gather the bucket, copy to params
+            dtype = g.params[0].dtype
+            for bucket, lo, hi in g.shards():
+                shard = torch.zeros(hi - lo, dtype=dtype, device=g.grad.device)
+                for _, pg, a, b, master in self.pieces:
+                    if pg is g and lo <= a < hi:
+                        shard[a - lo:b - lo].copy_(master)
+                if g.size > 1:
+                    full = torch.empty(bucket.end - bucket.start, dtype=dtype, device=shard.device)
+                    _all_gather_single(full, shard, group=g.group)
+                else:
+                    full = shard
+                for p in bucket.params:
+                    start = g.offsets[id(p)] - bucket.start
+                    p.data.copy_(full[start:start + p.numel()].view_as(p))
+
+    def zero_grad(self) -> None:
+        for g in self.groups:
+            g.grad.zero_()
+
+    # -- accounting and state ---------------------------------------------------------------------
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds: model parameters, gradient buffers, fp32 masters + AdamW state."""
+        params = sum(p.numel() * p.element_size() for g in self.groups for p in g.params)
+        grads = sum(g.grad.numel() * g.grad.element_size() for g in self.groups)
+        masters = sum(m.numel() * 4 for *_, m in self.pieces)
+        return dict(params=params, grads=grads, master=masters, optimizer=2 * masters)
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), "masters": [m.detach().clone() for *_, m in self.pieces]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        with torch.no_grad():
+            for (*_, m), saved in zip(self.pieces, state["masters"], strict=True):
+                m.copy_(saved)
+
+
+def optimizer_memory_estimate(dense_params: int, expert_params: int, tp: int, pp: int, ep: int, dp: int,
+                              edp: int, zero: bool, weight_bytes: int = 2) -> dict[str, float]:
+    """Formula-based bytes per rank (the planner's model): weights in compute precision, fp32 gradient
+    buffers, fp32 masters + two AdamW moments; the last three sharded over DP (dense) / expert-DP
+    (experts) when ``zero``. Dense weights are split over TP x PP, experts over EP x PP."""
+    dense_local = dense_params / (tp * pp)
+    expert_local = expert_params / (ep * pp)
+    state = 12.0  # fp32 master + exp_avg + exp_avg_sq
+    dense_state = dense_local * state / (dp if zero else 1)
+    expert_state = expert_local * state / (edp if zero else 1)
+    return dict(weights=(dense_local + expert_local) * weight_bytes, grads=(dense_local + expert_local) * 4,
+                optimizer=dense_state + expert_state)
