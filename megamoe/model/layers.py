@@ -42,6 +42,7 @@ class _GatedMul(torch.autograd.Function):
         return F.silu(x2).mul_(x1).mul_(h_up)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         h_gate, h_up = ctx.saved_tensors
         x1, x2 = h_gate.chunk(2, dim=-1)

@@ -8,6 +8,8 @@ gathers with masks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -39,11 +41,16 @@ class _GroupedMM(torch.autograd.Function):
         return torch._grouped_mm(x, w, offs=offs)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, w, offs = ctx.saved_tensors
         dy = dy.contiguous()
-        dx = torch._grouped_mm(dy, w.transpose(1, 2), offs=offs)
-        dw = torch._grouped_mm(x.t(), dy, offs=offs)  # [G, K, M]
+        dx = torch._grouped_mm(dy, w.transpose(1, 2), offs=offs) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = torch._grouped_mm(x.t(), dy, offs=offs)  # [G, K, M]
+            if dw.device.type != "cpu":  # some GPU kernels leave an empty group's gradient unwritten
+                empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
+                dw.masked_fill_(empty[:, None, None], 0)  # no host sync
         return dx, dw, None
 
 
@@ -90,13 +97,23 @@ def _bounds(counts: list[int]) -> list[tuple[int, int]]:
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, grouped: bool = True,
                ) -> torch.Tensor:
     """x: [N, K] rows sorted by group, w: [G, K, M], counts: [G] rows per group -> [N, M]."""
-    if grouped and grouped_mm_supported(x.device, x.dtype):
+    return _grouped_mm_fn(x, counts, grouped)(x, w)
+
+
+def _grouped_mm_fn(x: torch.Tensor, counts: torch.Tensor, grouped: bool,
+                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(a, w) -> a @ w per group, for rows laid out like ``x`` with ``counts``; the group bounds are
+    computed once for all projections of a layer. Under autocast both operands are cast to its dtype,
+    as F.linear would be (neither custom GEMM is on autocast's op lists)."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    if grouped and x.shape[0] > 0 and grouped_mm_supported(x.device, dtype):
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        return _GroupedMM.apply(x, w, offs)
+        return lambda a, w: _GroupedMM.apply(a.to(dtype), w.to(dtype), offs)
     sizes = counts.tolist()
     if sum(sizes) != x.shape[0]:
         raise ValueError(f"counts sum to {sum(sizes)}, x has {x.shape[0]} rows")
-    return _LoopMM.apply(x, w, sizes)
+    return lambda a, w: _LoopMM.apply(a.to(dtype), w.to(dtype), sizes)
 
 
 class GroupedExperts(nn.Module):
@@ -120,6 +137,5 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, H] sorted by local expert, counts: [E_local] -> [N, H]."""
-        g = self.grouped
-        act = gated_mul(grouped_mm(x, self.wi_gate, counts, g), grouped_mm(x, self.wi_up, counts, g))
-        return grouped_mm(act, self.wo, counts, g)  # act: [N, I]
+        mm = _grouped_mm_fn(x, counts, self.grouped)
+        return mm(gated_mul(mm(x, self.wi_gate), mm(x, self.wi_up)), self.wo)  # gated_mul: [N, I]

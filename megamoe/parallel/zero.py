@@ -256,14 +256,48 @@ class DistributedOptimizer:
         masters = sum(m.numel() * 4 for *_, m in self.pieces)
         return dict(params=params, grads=grads, master=masters, optimizer=2 * masters)
 
-    def state_dict(self) -> dict:
-        return {"inner": self.inner.state_dict(), "masters": [m.detach().clone() for *_, m in self.pieces]}
+    # -- checkpoint interface (layout-independent: whole local parameters) ------------------------
+    STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
 
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state["inner"])
+    def full_param_states(self) -> tuple[dict[int, dict[str, torch.Tensor]], float]:
+        """Every local parameter's fp32 master and AdamW moments, shaped like the parameter, rebuilt
+        from the shards (a collective over each sharding group); and the AdamW step count."""
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        step = 0.0
+        for g in self.groups:
+            flats = {k: torch.zeros(g.grad.numel(), dtype=torch.float32, device=g.grad.device)
+                     for k in self.STATE_KINDS}
+            for _, pg, a, b, master in self.pieces:
+                if pg is not g:
+                    continue
+                st = self.inner.state.get(master, {})
+                flats["master"][a:b] = master.detach()
+                for k in ("exp_avg", "exp_avg_sq"):
+                    if k in st:
+                        flats[k][a:b] = st[k]
+                if "step" in st:
+                    step = float(st["step"])
+            if g.size > 1:
+                for flat in flats.values():
+                    dist.all_reduce(flat, group=g.group)  # disjoint shards: the sum is the whole
+            for p in g.params:
+                start = g.offsets[id(p)]
+                out[id(p)] = {k: f[start:start + p.numel()].view(p.shape).clone() for k, f in flats.items()}
+        return out, step
+
+    def load_full_param_states(self, states: dict[int, dict[str, torch.Tensor]], step: float) -> None:
+        """Inverse of :meth:`full_param_states`: keep this rank's shard of each parameter's state."""
         with torch.no_grad():
-            for (*_, m), saved in zip(self.pieces, state["masters"], strict=True):
-                m.copy_(saved)
+            for p, g, a, b, master in self.pieces:
+                st = states[id(p)]
+                start = g.offsets[id(p)]
+                master.copy_(st["master"].reshape(-1)[a - start:b - start])
+                if "exp_avg" in st:
+                    self.inner.state[master] = {
+                        "step": torch.tensor(step, dtype=torch.float32),
+                        "exp_avg": st["exp_avg"].reshape(-1)[a - start:b - start].clone(),
+                        "exp_avg_sq": st["exp_avg_sq"].reshape(-1)[a - start:b - start].clone()}
+
 
 
 def optimizer_memory_estimate(dense_params: int, expert_params: int, tp: int, pp: int, ep: int, dp: int,

@@ -1,13 +1,17 @@
-"""Checkpoints: atomic, resumable, loaded with safe (weights-only) deserialisation.
+"""Layout-independent, atomic checkpoints (safetensors + JSON: no pickle is ever loaded).
 
-Layout of ``--save DIR``::
+Every tensor is stored by its GLOBAL identity: the logical parameter (``layers.5.mlp.experts.3.wo``
+for logical expert 3, whichever rank held it), the full logical shape, and the region this piece
+covers. Each rank writes the pieces it is the designated writer of (one copy per replica group) in
+parallel; a load under any other layout (TP / PP / EP / DP / ZeRO on or off / another expert placement)
+reads, for each of its parameters, the overlapping regions from whichever files hold them.
 
-    DIR/iter_0000100/rank_00000.pt   model + optimizer state of each rank
-    DIR/iter_0000100/meta.json       iteration, consumed samples, world size, config
-    DIR/latest                       "iter_0000100", written last
+    DIR/iter_0000100/rank_00003.safetensors   weight / master / exp_avg / exp_avg_sq pieces
+    DIR/iter_0000100/meta.json                iteration, consumed samples, AdamW step, layout, config
+    DIR/latest                                "iter_0000100", replaced last (atomic rename)
 
-A save goes to ``iter_XXXXXXX.tmp`` and is renamed when every rank has written, then ``latest`` is
-replaced atomically, so a crash mid-save leaves the previous checkpoint loadable.
+A save is written to ``iter_XXXXXXX.tmp`` and renamed only when every rank has finished, then
+``latest`` is replaced, so a crash mid-save leaves the previous checkpoint loadable.
 """
 
 from __future__ import annotations
@@ -21,19 +25,97 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from megamoe.config import Config
+from megamoe.parallel.mesh import ParallelMesh
+from megamoe.parallel.zero import DistributedOptimizer
+
+KINDS = ("weight", "master", "exp_avg", "exp_avg_sq")
+FORMAT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or unreadable (one-line message)."""
+    """A checkpoint that is missing, incomplete, corrupt or for another model (one-line message)."""
 
 
 @dataclass
 class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A box of a logical tensor held by a local parameter: global ``key`` with ``full`` shape,
+    region [offset, offset + size) per dim, found at ``local`` (an index into the local tensor)."""
+
+    key: str
+    full: tuple[int, ...]
+    offset: tuple[int, ...]
+    size: tuple[int, ...]
+    local: tuple
+
+    def entry(self, kind: str) -> str:
+        return f"{kind}/{self.key}@{','.join(map(str, self.offset))}"
+
+
+def _runs(index: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Contiguous runs of a sorted index tensor: (global start, length, local start)."""
+    idx, runs, start = index.tolist(), [], 0
+    for i in range(1, len(idx) + 1):
+        if i == len(idx) or idx[i] != idx[i - 1] + 1:
+            runs.append((idx[start], i - start, start))
+            start = i
+    return runs
+
+
+def param_pieces(name: str, p: torch.Tensor) -> list[Piece]:
+    """The logical boxes a local parameter holds, from its init tag (megamoe.model.init.tag)."""
+    spec = p._mm_init  # type: ignore[attr-defined]
+    if spec["expert_ids"] is not None:  # [E_local, ...]: slot -> logical expert
+        head, _, leaf = name.rpartition(".")
+        shape = tuple(p.shape[1:])
+        return [Piece(f"{head}.{gid}.{leaf}", shape, (0,) * len(shape), shape, (slot,))
+                for slot, gid in enumerate(spec["expert_ids"])]
+    full = tuple(spec["full_shape"] or p.shape)
+    shard = spec["shard"]
+    if shard is None:
+        return [Piece(name, full, (0,) * len(full), full, ())]
+    pieces: list[Piece] = []
+    dim = next(d for d, s in enumerate(shard) if not (isinstance(s, slice) and s == slice(None)))
+    s = shard[dim]
+    runs = _runs(s) if isinstance(s, torch.Tensor) else [(s.start, s.stop - s.start, 0)]
+    for g_start, length, l_start in runs:
+        offset = tuple(g_start if d == dim else 0 for d in range(len(full)))
+        size = tuple(length if d == dim else full[d] for d in range(len(full)))
+        local = tuple(slice(l_start, l_start + length) if d == dim else slice(None) for d in range(len(full)))
+        pieces.append(Piece(name, full, offset, size, local))
+    return pieces
+
+
+def is_writer(p: torch.Tensor, mesh: ParallelMesh) -> bool:
+    """One copy of every piece: dense params from DP rank 0 (and TP rank 0 when TP-replicated),
+    expert params from expert-DP rank 0."""
+    if getattr(p, "_mm_expert", False):
+        return mesh.coord("edp") == 0
+    return mesh.coord("dp") == 0 and (getattr(p, "_mm_tp_sharded", False) or mesh.tp_rank == 0)
+
+
+def optimizer_states(optimizer: Any, params: list[tuple[str, nn.Parameter]],
+                     ) -> tuple[dict[int, dict[str, torch.Tensor]], float]:
+    """Per local parameter: fp32 master and AdamW moments shaped like it; and the AdamW step."""
+    if isinstance(optimizer, DistributedOptimizer):
+        return optimizer.full_param_states()
+    states, step = {}, 0.0
+    for _, p in params:
+        st = optimizer.state.get(p, {})
+        states[id(p)] = {k: st[k] for k in ("exp_avg", "exp_avg_sq") if k in st}
+        if "step" in st:
+            step = float(st["step"])
+    return states, step
 
 
 def _barrier(world_size: int) -> None:
@@ -50,30 +132,50 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(directory: str, state: TrainState, model: nn.Module,
-                    optimizer: torch.optim.Optimizer, cfg: Config, rank: int = 0,
-                    world_size: int = 1) -> str:
+def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimizer: Any, cfg: Config,
+                    mesh: ParallelMesh) -> str:
     """Write the checkpoint of ``state.iteration``; every rank calls it. Returns its directory."""
+    rank, world = mesh.rank, mesh.world_size
     name = f"iter_{state.iteration:07d}"
     final, tmp = os.path.join(directory, name), os.path.join(directory, name + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    _barrier(world_size)
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "rng": {"torch": torch.get_rng_state()}}
-    torch.save(payload, os.path.join(tmp, f"rank_{rank:05d}.pt"))
+    _barrier(world)
+    params = list(model.named_parameters())
+    opt_states, step = optimizer_states(optimizer, params)  # collective under ZeRO
+    tensors: dict[str, torch.Tensor] = {}
+    for pname, p in params:
+        if not is_writer(p, mesh):
+            continue
+        sources = {"weight": p.detach(), **opt_states.get(id(p), {})}
+        for piece in param_pieces(_global_name(pname), p):
+            for kind, src in sources.items():
+                tensors[piece.entry(kind)] = src[piece.local].contiguous().cpu()
     if rank == 0:
-        meta = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
-                "world_size": world_size, "config": dataclasses.asdict(cfg)}
+        tensors["rng/torch"] = torch.get_rng_state()
+    save_file(tensors, os.path.join(tmp, f"rank_{rank:05d}.safetensors"),
+              metadata={"format": str(FORMAT_VERSION)})
+    if os.environ.get("MEGAMOE_TEST_CRASH_IN_SAVE") == str(rank):  # fault-injection hook for tests
+        os._exit(9)
+    if rank == 0:
+        meta = {"format": FORMAT_VERSION, "iteration": state.iteration,
+                "consumed_samples": state.consumed_samples, "adam_step": step, "world_size": world,
+                "layout": mesh.describe(), "files": world, "config": dataclasses.asdict(cfg)}
         _atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
-    _barrier(world_size)
+    _barrier(world)
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _atomic_write_text(os.path.join(directory, "latest"), name + "\n")
-    _barrier(world_size)
+    _barrier(world)
     return final
+
+
+def _global_name(name: str) -> str:
+    """Strip the stage-model prefix ``chunks.<c>.``: chunk parameter names are already global."""
+    parts = name.split(".")
+    return ".".join(parts[2:]) if parts[0] == "chunks" else name
 
 
 def resolve_checkpoint(directory: str) -> str | None:
@@ -94,27 +196,116 @@ def resolve_checkpoint(directory: str) -> str | None:
     return path
 
 
-def load_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    rank: int = 0, world_size: int = 1) -> TrainState | None:
-    """Restore model/optimizer/RNG from ``directory`` (or its ``latest``); None if there is none."""
+class _Index:
+    """Where every saved piece lives: (kind, key) -> [(file, entry, offset, shape)]."""
+
+    def __init__(self, path: str, files: int) -> None:
+        self.entries: dict[tuple[str, str], list[tuple[str, str, tuple[int, ...], tuple[int, ...]]]] = {}
+        self.files = [os.path.join(path, f"rank_{r:05d}.safetensors") for r in range(files)]
+        self._open: dict[str, Any] = {}
+        for file in self.files:
+            handle = self._handle(file)
+            for entry in handle.keys():
+                if "@" not in entry:
+                    continue
+                kind_key, offset = entry.rsplit("@", 1)
+                kind, key = kind_key.split("/", 1)
+                shape = tuple(handle.get_slice(entry).get_shape())
+                self.entries.setdefault((kind, key), []).append(
+                    (file, entry, tuple(int(x) for x in offset.split(",") if x != ""), shape))
+
+    def _handle(self, file: str):
+        if file not in self._open:
+            try:
+                self._open[file] = safe_open(file, framework="pt")
+            except FileNotFoundError as e:
+                raise CheckpointError(f"checkpoint file {file} is missing") from e
+            except Exception as e:  # truncated or not safetensors
+                raise CheckpointError(f"checkpoint file {file} is corrupt ({type(e).__name__}: {e})") from e
+        return self._open[file]
+
+    def has(self, kind: str, key: str) -> bool:
+        return (kind, key) in self.entries
+
+    def read(self, kind: str, piece: Piece, out: torch.Tensor) -> None:
+        """Fill ``out`` (shaped piece.size) with the saved region of (kind, piece.key)."""
+        covered = 0
+        for file, entry, offset, shape in self.entries.get((kind, piece.key), []):
+            lo = [max(a, b) for a, b in zip(offset, piece.offset)]
+            hi = [min(a + s, b + t) for a, s, b, t in zip(offset, shape, piece.offset, piece.size)]
+            if any(h <= low for low, h in zip(lo, hi)):
+                continue
+            src = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, offset))
+            dst = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, piece.offset))
+            out[dst] = self._handle(file).get_slice(entry)[src].to(out.dtype)
+            n = 1
+            for low, h in zip(lo, hi):
+                n *= h - low
+            covered += n
+        if covered != out.numel():
+            raise CheckpointError(f"checkpoint lacks {kind} of {piece.key} region {piece.offset}+"
+                                  f"{piece.size} (saved by a different model?)")
+
+
+def load_checkpoint(directory: str, model: nn.Module, optimizer: Any, mesh: ParallelMesh,
+                    cfg: Config | None = None) -> TrainState | None:
+    """Restore weights, optimizer state and RNG from ``directory`` (or its ``latest``) under this
+    rank's layout, whatever layout saved it. None if there is no checkpoint yet."""
     path = resolve_checkpoint(directory)
     if path is None:
         return None
-    with open(os.path.join(path, "meta.json")) as f:
-        meta: dict[str, Any] = json.load(f)
-    if meta["world_size"] != world_size:
-        raise CheckpointError(f"checkpoint {path} was saved by {meta['world_size']} ranks, this run "
-                              f"has {world_size}; relaunch with the saved layout")
-    file = os.path.join(path, f"rank_{rank:05d}.pt")
     try:
-        payload = torch.load(file, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"checkpoint file {file} is missing") from e
-    except Exception as e:  # truncated / corrupt pickle
-        raise CheckpointError(f"checkpoint file {file} is corrupt ({type(e).__name__}: {e})") from e
-    model.load_state_dict(payload["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(payload["optimizer"])
-    torch.set_rng_state(payload["rng"]["torch"])
-    return TrainState(iteration=int(meta["iteration"]),
-                      consumed_samples=int(meta["consumed_samples"]))
+        with open(os.path.join(path, "meta.json")) as f:
+            meta: dict[str, Any] = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}/meta.json is unreadable ({e})") from e
+    if cfg is not None:
+        _check_same_model(meta, cfg, path)
+    index = _Index(path, int(meta["files"]))
+    params = list(model.named_parameters())
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for pname, p in params:
+            pieces = param_pieces(_global_name(pname), p)
+            st: dict[str, torch.Tensor] = {}
+            for kind in KINDS:
+                if kind != "weight" and not all(index.has(kind, pc.key) for pc in pieces):
+                    continue
+                target = p.data if kind == "weight" else torch.zeros(p.shape, dtype=torch.float32)
+                for pc in pieces:
+                    buf = torch.empty(pc.size, dtype=target.dtype)
+                    index.read(kind, pc, buf)
+                    target[pc.local] = buf.to(target.device)
+                if kind != "weight":
+                    st[kind] = target
+            st.setdefault("master", p.detach().float().cpu().clone())  # fp32 weights are the masters
+            states[id(p)] = st
+    _load_optimizer(optimizer, params, states, float(meta.get("adam_step", 0.0)))
+    if mesh.rank == 0 and "rng/torch" in index._handle(index.files[0]).keys():
+        torch.set_rng_state(index._handle(index.files[0]).get_tensor("rng/torch"))
+    return TrainState(iteration=int(meta["iteration"]), consumed_samples=int(meta["consumed_samples"]))
+
+
+def _load_optimizer(optimizer: Any, params, states, step: float) -> None:
+    if optimizer is None:
+        return
+    if isinstance(optimizer, DistributedOptimizer):
+        optimizer.load_full_param_states(states, step)
+        return
+    for _, p in params:
+        st = states[id(p)]
+        if "exp_avg" in st:
+            optimizer.state[p] = {"step": torch.tensor(step, dtype=torch.float32),
+                                  "exp_avg": st["exp_avg"].to(p.device),
+                                  "exp_avg_sq": st["exp_avg_sq"].to(p.device)}
+
+
+def _check_same_model(meta: dict[str, Any], cfg: Config, path: str) -> None:
+    saved = meta["config"]["model"]
+    for field in ("num_layers", "hidden_size", "num_attention_heads", "kv_channels", "ffn_hidden_size"):
+        if saved[field] != getattr(cfg.model, field):
+            raise CheckpointError(f"checkpoint {path} has {field.replace('_', '-')} {saved[field]}, this run "
+                                  f"{getattr(cfg.model, field)}; load it with the same model shape")
+    if meta["config"]["moe"]["num_experts"] != cfg.moe.num_experts:
+        raise CheckpointError(f"checkpoint {path} has {meta['config']['moe']['num_experts']} experts, this "
+                              f"run {cfg.moe.num_experts}; load it with the same --num-experts")

@@ -243,8 +243,7 @@ class Trainer:
 
     def save(self) -> None:
         if self.cfg.train.save:
-            save_checkpoint(self.cfg.train.save, self.state, self.model, self.optimizer, self.cfg,
-                            self.mesh.rank, self.mesh.world_size)
+            save_checkpoint(self.cfg.train.save, self.state, self.model, self.optimizer, self.cfg, self.mesh)
             self.logger.info(f" saved checkpoint at iteration {self.state.iteration} to "
                              f"{self.cfg.train.save}")
 

@@ -117,7 +117,7 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
                   device=device)
     trainer = Trainer(cfg, mesh, model, optimizer, train_data, valid_data, logger, device, peak, p2p)
     if cfg.train.load:
-        state = load_checkpoint(cfg.train.load, model, optimizer, mesh.rank, mesh.world_size)
+        state = load_checkpoint(cfg.train.load, model, optimizer, mesh, cfg)
         if state is not None:
             trainer.state = state
             logger.info(f" > resumed from {cfg.train.load} at iteration {state.iteration}")

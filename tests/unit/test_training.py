@@ -36,7 +36,7 @@ def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path):
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     train_losses(1, ["--train-iters", "2", "--save", str(tmp_path)])
-    (tmp_path / "iter_0000002" / "rank_00000.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "iter_0000002" / "rank_00000.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt"):
         train_losses(1, ["--train-iters", "3", "--load", str(tmp_path)])
 
