@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit 0 after every N-th iteration")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit 0 once the run has lasted this long (Slurm time limits)")
     g.add_argument("--metrics-file", default=None, help="one JSON object per iteration")
     g.add_argument("--wandb-project", default=None)
     g.add_argument("--wandb-exp-name", default=None)
@@ -209,6 +213,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         overlap_grad_reduce=args.overlap_grad_reduce, grad_reduce_in_bf16=args.grad_reduce_in_bf16,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, save=args.save,
         load=args.load, save_interval=args.save_interval, metrics_file=args.metrics_file,
+        exit_interval=args.exit_interval, exit_duration_in_mins=args.exit_duration_in_mins,
         wandb_project=args.wandb_project, wandb_exp_name=args.wandb_exp_name,
         tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops)
     data = DataConfig(

@@ -157,6 +157,8 @@ class TrainConfig:
     save: str | None = None
     load: str | None = None
     save_interval: int | None = None
+    exit_interval: int | None = None
+    exit_duration_in_mins: float | None = None
     metrics_file: str | None = None
     wandb_project: str | None = None
     wandb_exp_name: str | None = None

@@ -84,7 +84,7 @@ TINY_ARGS = ["--model-preset", "openmoe-tiny", "--mock-data", "--seq-length", "3
              "--eval-interval", "100000", "--clip-grad", "1.0"]
 
 
-def _train_rank(rank: int, world: int, argv: Sequence[str]) -> list[dict[str, Any]]:
+def _train_rank(rank: int, world: int, argv: Sequence[str], placement: Any = None) -> list[dict[str, Any]]:
     from megamoe.arguments import parse_args
     from megamoe.parallel.mesh import ParallelMesh
     from megamoe.training.run import pretrain
@@ -92,14 +92,15 @@ def _train_rank(rank: int, world: int, argv: Sequence[str]) -> list[dict[str, An
     cfg = parse_args(list(argv))
     mesh = ParallelMesh.from_config(cfg.parallel, world, rank)
     mesh.build_groups()
-    return pretrain(cfg, mesh)
+    return pretrain(cfg, mesh, placement=placement)
 
 
 def train_losses(world: int, extra_args: Sequence[str] = (), base_args: Sequence[str] = TINY_ARGS,
-                 ) -> list[dict[str, Any]]:
-    """Train openmoe-tiny under a layout (flags in extra_args) on ``world`` ranks; rank 0's records."""
+                 placement: Any = None) -> list[dict[str, Any]]:
+    """Train openmoe-tiny under a layout (flags in extra_args, optionally an expert placement table)
+    on ``world`` ranks; rank 0's per-iteration records."""
     argv = list(base_args) + list(extra_args)
     if world == 1:
         torch.set_num_threads(1)
-        return _train_rank(0, 1, argv)
-    return run_ranks(world, _train_rank, argv)[0]
+        return _train_rank(0, 1, argv, placement)
+    return run_ranks(world, _train_rank, argv, placement)[0]

@@ -15,7 +15,7 @@ from torch import nn
 from megamoe.config import Config
 from megamoe.model.init import init_model_weights
 from megamoe.model.layers import Attention, GatedMLP, RMSNorm, output_std
-from megamoe.moe.dispatcher import EPTopology
+from megamoe.moe.dispatcher import EPTopology, ExpertPlacement
 from megamoe.moe.layer import MoELayer, MoEParallel, MoEStats
 from megamoe.parallel.tensor import (
     ColumnParallelLinear,
@@ -27,7 +27,7 @@ from megamoe.parallel.tensor import (
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: Config, layer: int, stats: MoEStats, tp: TPContext, moe_par: MoEParallel,
-                 ) -> None:
+                 placement: ExpertPlacement | None = None) -> None:
         super().__init__()
         m = cfg.model
         std, out_std = m.init_method_std, output_std(m.init_method_std, m.num_layers)
@@ -38,7 +38,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
         if self.is_moe:
             self.mlp: nn.Module = MoELayer(layer, m.hidden_size, m.ffn_hidden_size, cfg.moe, std,
-                                           out_std, stats, par=moe_par)
+                                           out_std, stats, placement=placement, par=moe_par)
             self.pre_extra_mlp_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
             self.extra_mlp = GatedMLP(m.hidden_size, m.ffn_hidden_size, std, out_std, tp)
         else:
@@ -63,7 +63,7 @@ class OpenMoEModel(nn.Module):
 
     def __init__(self, cfg: Config, layers: range | None = None, tp: TPContext | None = None,
                  ep: EPTopology | None = None, pre_process: bool = True, post_process: bool = True,
-                 stats: MoEStats | None = None) -> None:
+                 stats: MoEStats | None = None, placement: ExpertPlacement | None = None) -> None:
         super().__init__()
         m = cfg.model
         self.cfg, self.tp = cfg, tp or TPContext()
@@ -76,7 +76,7 @@ class OpenMoEModel(nn.Module):
         if pre_process:
             self.embed_tokens = VocabParallelEmbedding(self.vocab_size, m.hidden_size, self.tp,
                                                        m.init_method_std)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, self.moe_stats, self.tp, moe_par)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, self.moe_stats, self.tp, moe_par, placement)
                                      for i in self.layer_range})
         if post_process:
             self.norm = RMSNorm(m.hidden_size, m.norm_epsilon)

@@ -28,6 +28,18 @@ class ExpertPlacement:
         return ExpertPlacement(rank_of=tuple(e // per for e in range(num_experts)),
                                slot_of=tuple(e % per for e in range(num_experts)), ep_size=ep_size)
 
+    @staticmethod
+    def from_ranks(rank_of: list[int], ep_size: int) -> ExpertPlacement:
+        """A table from each logical expert's EP rank; slots follow expert order on each rank."""
+        per = len(rank_of) // ep_size
+        slots, seen = [], [0] * ep_size
+        for r in rank_of:
+            slots.append(seen[r])
+            seen[r] += 1
+        if seen != [per] * ep_size:
+            raise ValueError(f"placement {rank_of} does not give each of {ep_size} EP ranks {per} experts")
+        return ExpertPlacement(rank_of=tuple(rank_of), slot_of=tuple(slots), ep_size=ep_size)
+
     @property
     def num_experts(self) -> int:
         return len(self.rank_of)

@@ -141,12 +141,16 @@ class ParallelMesh:
             inter += [[node[j] for node in nodes] for j in range(len(nodes[0]))]
         return {"ep_intra": intra, "ep_inter": inter}
 
-    def build_groups(self) -> None:
-        """Create every group on every rank in the same order (torch.distributed requires it)."""
+    def build_groups(self, timeout_minutes: float | None = None) -> None:
+        """Create every group on every rank in the same order (torch.distributed requires it).
+
+        Subgroups get the job's timeout explicitly: torch's default for them is 30 minutes, so a
+        hung peer would otherwise stall collectives far past --distributed-timeout-minutes."""
+        timeout = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes else None
         for name, all_groups in self.grids().items():
             for members in all_groups:
                 # one-rank groups stay None: every collective helper treats None as "nothing to do"
-                group = dist.new_group(members) if len(members) > 1 else None
+                group = dist.new_group(members, timeout=timeout) if len(members) > 1 else None
                 if self.rank in members:
                     self.groups[name], self.members[name] = group, members
         for name, size in (("tp", self.tp), ("dp", self.dp), ("pp", self.pp), ("ep", self.ep),
@@ -182,5 +186,5 @@ class ParallelMesh:
 
 def build_mesh(p: ParallelConfig, info: LaunchInfo) -> ParallelMesh:
     mesh = ParallelMesh.from_config(p, info.world_size, info.rank, info.local_world_size)
-    mesh.build_groups()
+    mesh.build_groups(p.distributed_timeout_minutes)
     return mesh

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -247,8 +248,38 @@ class Trainer:
             self.logger.info(f" saved checkpoint at iteration {self.state.iteration} to "
                              f"{self.cfg.train.save}")
 
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM (preemption) and SIGUSR1 (Slurm's warning before the time limit, sbatch --signal)
+        ask for a clean stop: finish the step, save, exit 0."""
+        def request_stop(signum: int, _frame: object) -> None:
+            self._stop_signal = signal.Signals(signum).name
+
+        self._stop_signal: str | None = None
+        try:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread (e.g. embedded use): no signal-driven stop
+            pass
+
+    def _exit_reason(self, iteration: int) -> str | None:
+        """Why to stop after this step, agreed by every rank (a signal may reach only some)."""
+        t = self.cfg.train
+        minutes = (time.time() - self._start_time) / 60
+        flags = torch.tensor([self._stop_signal is not None,
+                              bool(t.exit_interval) and iteration % t.exit_interval == 0,
+                              bool(t.exit_duration_in_mins) and minutes >= t.exit_duration_in_mins],
+                             dtype=torch.float32)
+        if self.mesh.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        names = (f"signal {self._stop_signal or 'on another rank'}", f"--exit-interval {t.exit_interval}",
+                 f"--exit-duration-in-mins {t.exit_duration_in_mins}")
+        return next((n for n, f in zip(names, flags.tolist()) if f), None)
+
     def train(self) -> list[dict[str, Any]]:
         t = self.cfg.train
+        self._start_time = time.time()
+        self._install_signal_handlers()
+        saved_at = None
         while self.state.iteration < t.train_iters:
             rec = self.train_step()
             self.history.append(rec)
@@ -260,7 +291,12 @@ class Trainer:
                     self.logger.log_eval(it, loss)
             if t.save_interval and it % t.save_interval == 0:
                 self.save()
-        if t.save and (not t.save_interval or self.state.iteration % t.save_interval):
+                saved_at = it
+            reason = self._exit_reason(it)
+            if reason is not None:
+                self.logger.info(f" > exiting after iteration {it}: {reason}")
+                break
+        if t.save and saved_at != self.state.iteration:
             self.save()
         return self.history
 

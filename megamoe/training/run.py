@@ -19,7 +19,7 @@ from megamoe.data.errors import DataError
 from megamoe.data.mock import MockGPTDataset
 from megamoe.data.sampler import SampleDataset
 from megamoe.model.openmoe import OpenMoEModel, StageModel, count_parameters
-from megamoe.moe.dispatcher import EPTopology
+from megamoe.moe.dispatcher import EPTopology, ExpertPlacement
 from megamoe.moe.layer import MoEStats
 from megamoe.parallel.mesh import ParallelMesh, build_mesh, detect_launch, init_distributed
 from megamoe.parallel.pipeline import P2P, stage_layer_ranges
@@ -61,7 +61,8 @@ def build_datasets(cfg: Config, mesh: ParallelMesh,
     return cfg, train, valid
 
 
-def build_stage_model(cfg: Config, mesh: ParallelMesh) -> StageModel:
+def build_stage_model(cfg: Config, mesh: ParallelMesh, placement: ExpertPlacement | None = None,
+                      ) -> StageModel:
     """This rank's model chunks: virtual stage v = chunk * PP + pp_rank holds the v-th layer range;
     the first virtual stage owns the embedding, the last the final norm and LM head."""
     p = cfg.parallel
@@ -74,18 +75,18 @@ def build_stage_model(cfg: Config, mesh: ParallelMesh) -> StageModel:
     for c in range(vp):
         v = c * mesh.pp + mesh.pp_rank
         chunks.append(OpenMoEModel(cfg, ranges[v], tp, ep, pre_process=v == 0,
-                                   post_process=v == len(ranges) - 1, stats=stats))
+                                   post_process=v == len(ranges) - 1, stats=stats, placement=placement))
     return StageModel(chunks)
 
 
 def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None,
-             ) -> list[dict[str, Any]]:
+             placement: ExpertPlacement | None = None) -> list[dict[str, Any]]:
     """Train as configured inside an existing mesh; returns the per-iteration records."""
     device = device or torch.device("cpu")
     cfg, train_data, valid_data = build_datasets(cfg, mesh)
     cfg.validate(mesh.world_size)
     torch.manual_seed(cfg.train.seed)
-    model = build_stage_model(cfg, mesh)
+    model = build_stage_model(cfg, mesh, placement)
     logger = MetricsLogger(cfg, enabled=mesh.rank == 0)
     model.init_weights(cfg.train.seed)
     model.to(device)
@@ -127,6 +128,11 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
         logger.close()
 
 
+# How gloo / NCCL report a dead or hung peer when the error is not a DistError subclass.
+_PEER_FAILURE_MARKS = ("Connection reset by peer", "Connection closed by peer", "Timed out", "timed out",
+                       "NCCL", "gloo/transport")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
@@ -147,6 +153,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", flush=True)
         return 2
+    except RuntimeError as e:  # a peer died or hung: say so in one line (traceback on stderr)
+        if not (isinstance(e, dist.DistError) or any(m in str(e) for m in _PEER_FAILURE_MARKS)):
+            raise
+        import traceback
+
+        traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        limit = cfg.parallel.distributed_timeout_minutes
+        print(f"error: rank {info.rank} lost the job (a peer rank died or hung past "
+              f"--distributed-timeout-minutes {limit}): {first}", flush=True)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
