@@ -196,6 +196,20 @@ def resolve_checkpoint(directory: str) -> str | None:
     return path
 
 
+def read_meta(path: str) -> dict[str, Any]:
+    """meta.json of a checkpoint directory, checked to be in this format."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta: dict[str, Any] = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}/meta.json is unreadable ({e})") from e
+    if meta.get("format") != FORMAT_VERSION or "files" not in meta:
+        found = meta.get("format", "pre-1")
+        raise CheckpointError(f"checkpoint {path} has format {found}, this megamoe reads format "
+                              f"{FORMAT_VERSION}; save it again with a matching version")
+    return meta
+
+
 class _Index:
     """Where every saved piece lives: (kind, key) -> [(file, entry, offset, shape)]."""
 
@@ -254,11 +268,7 @@ def load_checkpoint(directory: str, model: nn.Module, optimizer: Any, mesh: Para
     path = resolve_checkpoint(directory)
     if path is None:
         return None
-    try:
-        with open(os.path.join(path, "meta.json")) as f:
-            meta: dict[str, Any] = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path}/meta.json is unreadable ({e})") from e
+    meta = read_meta(path)
     if cfg is not None:
         _check_same_model(meta, cfg, path)
     index = _Index(path, int(meta["files"]))
