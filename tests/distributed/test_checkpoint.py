@@ -1,0 +1,75 @@
+"""Checkpoints: exact resume, resharding across layouts and expert placements, clear errors."""
+
+import pytest
+
+from megamoe.moe.dispatcher import ExpertPlacement
+from megamoe.training.checkpoint import CheckpointError
+from tests.harness import train_losses
+
+TP, EP, PP = "--tensor-model-parallel-size", "--expert-model-parallel-size", "--pipeline-model-parallel-size"
+Z = "--use-distributed-optimizer"
+
+
+def _bitwise(a_recs, b_recs):
+    assert [r["iteration"] for r in a_recs] == [r["iteration"] for r in b_recs]
+    assert [(r["lm_loss"], r["grad_norm"]) for r in a_recs] == [(r["lm_loss"], r["grad_norm"]) for r in b_recs]
+
+
+def test_exact_resume_20_steps_single_process(tmp_path):
+    common = ["--lr-decay-iters", "20"]
+    full = train_losses(1, common + ["--train-iters", "20"])
+    train_losses(1, common + ["--train-iters", "10", "--save", str(tmp_path)])
+    _bitwise(full[10:], train_losses(1, common + ["--train-iters", "20", "--load", str(tmp_path)]))
+
+
+def test_exact_resume_tp2_ep2_pp2_world8(tmp_path):
+    layout = ["--global-batch-size", "16", "--lr-decay-iters", "8", TP, "2", EP, "2", PP, "2", Z]
+    full = train_losses(8, layout + ["--train-iters", "8"])
+    train_losses(8, layout + ["--train-iters", "4", "--save", str(tmp_path)])
+    _bitwise(full[4:], train_losses(8, layout + ["--train-iters", "8", "--load", str(tmp_path)]))
+
+
+@pytest.fixture(scope="module")
+def resharding_source(tmp_path_factory):
+    """A checkpoint at step 3 saved under TP2+SP x EP2 x PP2 with ZeRO (world 8), and the
+    uninterrupted single-process run it should continue."""
+    d = tmp_path_factory.mktemp("reshard")
+    big = ["--global-batch-size", "16", "--lr-decay-iters", "6"]
+    train_losses(8, big + ["--train-iters", "3", "--save", str(d), TP, "2", "--sequence-parallel", EP, "2",
+                           PP, "2", Z])
+    return d, big, train_losses(1, big + ["--train-iters", "6"])
+
+
+@pytest.mark.parametrize("world, extra", [
+    (1, []),
+    (8, [EP, "4"]),  # EP4 x DP2, plain optimizer
+    (8, [EP, "4", Z]),
+    (4, [PP, "4"]),
+], ids=["single", "ep4-dp2", "ep4-dp2-zero", "pp4"])
+def test_reshard_to_another_layout(resharding_source, world, extra):
+    d, big, full = resharding_source
+    resumed = train_losses(world, big + ["--train-iters", "6", "--load", str(d)] + extra)
+    assert [r["iteration"] for r in resumed] == [4, 5, 6]
+    for a, b in zip(full[3:], resumed):
+        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
+def test_load_under_another_expert_placement(tmp_path):
+    common = ["--lr-decay-iters", "6", EP, "2"]
+    full = train_losses(2, common + ["--train-iters", "6"])
+    train_losses(2, common + ["--train-iters", "3", "--save", str(tmp_path)])
+    swapped = ExpertPlacement.from_ranks([1, 0, 1, 0, 1, 0, 1, 0], 2)  # odd experts on EP rank 0
+    resumed = train_losses(2, common + ["--train-iters", "6", "--load", str(tmp_path)], placement=swapped)
+    assert [r["lm_loss"] for r in resumed] == pytest.approx([r["lm_loss"] for r in full[3:]], rel=1e-5)
+
+
+def test_missing_and_mismatched_checkpoints(tmp_path):
+    train_losses(1, ["--train-iters", "2", "--save", str(tmp_path)])
+    with pytest.raises(CheckpointError, match="--hidden-size|hidden-size 64"):
+        train_losses(1, ["--train-iters", "3", "--load", str(tmp_path), "--hidden-size", "32",
+                         "--kv-channels", "8"])
+    (tmp_path / "latest").write_text("iter_0000099\n")
+    with pytest.raises(CheckpointError, match="iter_0000099 named by .* is missing"):
+        train_losses(1, ["--train-iters", "3", "--load", str(tmp_path)])
+    assert train_losses(1, ["--train-iters", "2", "--load", str(tmp_path / "empty")])  # none yet: fresh
