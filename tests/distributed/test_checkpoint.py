@@ -12,7 +12,10 @@ Z = "--use-distributed-optimizer"
 
 def _bitwise(a_recs, b_recs):
     assert [r["iteration"] for r in a_recs] == [r["iteration"] for r in b_recs]
-    assert [(r["lm_loss"], r["grad_norm"]) for r in a_recs] == [(r["lm_loss"], r["grad_norm"]) for r in b_recs]
+    def values(recs):
+        return [(r["lm_loss"], r["grad_norm"]) for r in recs]
+
+    assert values(a_recs) == values(b_recs)
 
 
 def test_exact_resume_20_steps_single_process(tmp_path):
