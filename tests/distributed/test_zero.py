@@ -127,3 +127,33 @@ def test_memory_formula_openmoe_8b_64_gpus():
     assert zero["weights"] == plain["weights"]
     torch.testing.assert_close(torch.tensor(zero["optimizer"]),
                                torch.tensor(dense / 4 * 12 / 16 + expert / 16 * 12 / 4))
+
+
+def test_grad_reduce_in_bf16_stays_close_to_fp32(single):
+    recs = train_losses(2, [Z, "--grad-reduce-in-bf16"])
+    for a, b in zip(single, recs):
+        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-2)
+
+
+@pytest.mark.parametrize("extra", [[], [Z]], ids=["plain", "zero"])
+def test_non_finite_gradient_skips_the_step(monkeypatch, extra):
+    # An inf in one expert gradient at iteration 2 only: the step is skipped (logged), the weights are
+    # untouched, and training continues from the same weights as if that batch were never applied.
+    from megamoe.moe.experts import GroupedExperts
+
+    original, calls = GroupedExperts.__init__, {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+
+        def hook(g):
+            calls["n"] += 1
+            return g * float("inf") if 8 < calls["n"] <= 16 else g  # 4 micro-batches x 2 MoE layers per step
+
+        self.wo.register_hook(hook)
+
+    monkeypatch.setattr(GroupedExperts, "__init__", poisoned)
+    recs = train_losses(1, ["--train-iters", "4"] + extra)
+    assert [r["skipped"] for r in recs] == [False, True, False, False]
+    assert recs[1]["grad_norm"] != recs[1]["grad_norm"] or recs[1]["grad_norm"] == float("inf")
+    assert all(r["lm_loss"] == r["lm_loss"] for r in recs)  # no NaN loss afterwards

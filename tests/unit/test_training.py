@@ -75,3 +75,19 @@ def test_bf16_flag_parses_and_fp32_is_default():
     assert not parse_args(TINY_ARGS).train.bf16
     assert parse_args(TINY_ARGS + ["--bf16"]).train.bf16
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_exit_interval_saves_and_stops(tmp_path):
+    recs = train_losses(1, ["--train-iters", "10", "--exit-interval", "3", "--save", str(tmp_path)])
+    assert [r["iteration"] for r in recs] == [1, 2, 3]
+    assert (tmp_path / "latest").read_text().strip() == "iter_0000003"
+
+
+def test_wandb_offline_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    train_losses(1, ["--train-iters", "2", "--wandb-project", "megamoe-test"])
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
