@@ -32,10 +32,10 @@ def formula_8b() -> None:
     for tp, pp, ep in ((2, 2, 8), (1, 1, 8), (2, 1, 8), (1, 1, 32)):
         dp = 64 // (tp * pp)
         edp = 64 // (ep * pp)
-        for zero in (False, True):
-            r = optimizer_memory_estimate(dense, expert, tp, pp, ep, dp, edp, zero)
+        for name, zero, stage in (("plain DP", False, 1), ("ZeRO-1", True, 1), ("ZeRO-2", True, 2)):
+            r = optimizer_memory_estimate(dense, expert, tp, pp, ep, dp, edp, zero, zero_stage=stage)
             total = sum(r.values())
-            print(f"| TP{tp} PP{pp} EP{ep} (DP{dp}, EDP{edp}) | {'ZeRO' if zero else 'plain DP'} | "
+            print(f"| TP{tp} PP{pp} EP{ep} (DP{dp}, EDP{edp}) | {name} | "
                   f"{r['weights'] / GIB:.2f} | {r['grads'] / GIB:.2f} | {r['optimizer'] / GIB:.2f} | "
                   f"{total / GIB:.2f} |")
 
@@ -46,22 +46,29 @@ def _measured(rank: int, world: int, layout: list[str]) -> dict[str, int]:
     mesh.build_groups()
     model = build_stage_model(cfg, mesh)
     if "--use-distributed-optimizer" in layout:
-        return DistributedOptimizer(model, cfg.train, mesh, expert_grad_divisor(mesh, cfg)).memory_bytes()
+        return DistributedOptimizer(model, cfg.train, mesh, expert_grad_divisor(mesh, cfg),
+                                    bucket_numel=cfg.train.ddp_bucket_size,
+                                    stage=cfg.train.zero_stage).memory_bytes()
     n = sum(p.numel() * 4 for p in model.parameters())
     return dict(params=n, grads=n, master=0, optimizer=2 * n)  # fp32 AdamW: exp_avg + exp_avg_sq
 
 
 def measured_tiny() -> None:
     print("\nopenmoe-tiny, 8 CPU ranks, EP 2 (measured on rank 0, KiB)\n")
-    print("| optimizer | params | grads | fp32 master | AdamW moments | optimizer state vs plain |")
+    print("| optimizer | params | grads (+ transient buckets) | fp32 master | AdamW moments | "
+          "optimizer state vs plain |")
     print("|---|---:|---:|---:|---:|---:|")
     base = None
-    for name, layout in (("plain DP", ["--expert-model-parallel-size", "2"]),
-                         ("ZeRO", ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"])):
+    ep2 = ["--expert-model-parallel-size", "2"]
+    z = ["--use-distributed-optimizer", "--ddp-bucket-size", "8192"]
+    for name, layout in (("plain DP", ep2), ("ZeRO-1", ep2 + z), ("ZeRO-2", ep2 + z + ["--zero-stage", "2"])):
         r = run_ranks(8, _measured, layout)[0]
         state = r["master"] + r["optimizer"]
         base = base or state
-        print(f"| {name} | {r['params'] / 1024:.0f} | {r['grads'] / 1024:.0f} | {r['master'] / 1024:.0f} | "
+        grads = f"{r['grads'] / 1024:.0f}"
+        if "grad_buckets" in r:
+            grads += f" (+{r['grad_buckets'] / 1024:.0f})"
+        print(f"| {name} | {r['params'] / 1024:.0f} | {grads} | {r['master'] / 1024:.0f} | "
               f"{r['optimizer'] / 1024:.0f} | {state / base:.2f}x |")
 
 

@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="start each gradient bucket's reduction as soon as it is complete")
     g.add_argument("--grad-reduce-in-bf16", action="store_true")
+    g.add_argument("--zero-stage", type=int, default=1,
+                   help="with --use-distributed-optimizer: 1 shards optimizer state (default), 2 also "
+                        "gradients (reduce-scatter per bucket as backward produces it, every micro-batch)")
+    g.add_argument("--ddp-bucket-size", type=int, default=1 << 22,
+                   help="gradient bucket size in elements for the distributed optimizer's reductions")
     prec = g.add_mutually_exclusive_group()
     prec.add_argument("--bf16", action="store_true")
     prec.add_argument("--fp32", action="store_true")
@@ -211,6 +216,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         clip_grad=args.clip_grad, seed=args.seed, bf16=args.bf16, log_interval=args.log_interval,
         use_distributed_optimizer=args.use_distributed_optimizer,
         overlap_grad_reduce=args.overlap_grad_reduce, grad_reduce_in_bf16=args.grad_reduce_in_bf16,
+        zero_stage=args.zero_stage, ddp_bucket_size=args.ddp_bucket_size,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, save=args.save,
         load=args.load, save_interval=args.save_interval, metrics_file=args.metrics_file,
         exit_interval=args.exit_interval, exit_duration_in_mins=args.exit_duration_in_mins,

@@ -9,9 +9,14 @@ Per group ("dense" over DP, "expert" over expert-DP):
   reduce        reduce-scatter over the group (each rank keeps the summed 1/N shard), bucketed;
                 with --overlap-grad-reduce a bucket starts as soon as its last gradient arrived
   master        fp32 copies of this rank's shard only, cut per parameter so weight decay follows
-                Megatron's groups; AdamW state exists for the shard only (ZeRO stage 1 semantics:
-                gradients are reduced to shards, the full grad buffer is kept for accumulation)
+                Megatron's groups; AdamW state exists for the shard only
   update        AdamW on the shard, then the parameter shard is written back and all-gathered
+
+ZeRO stage 1 (default) keeps the full fp32 grad buffer for accumulation over micro-batches and
+reduces once per step. Stage 2 (``--zero-stage 2``) keeps only this rank's 1/N shard of the gradients:
+a bucket's gradients land in a transient buffer that is reduce-scattered (async) and freed as soon as
+every parameter of the bucket has delivered its gradient, i.e. once per micro-batch, trading m times
+the reduction traffic for gradient memory of shard + a couple of in-flight buckets.
 The buffer layout depends only on the parameters this rank holds, i.e. on the placement table.
 """
 
@@ -39,6 +44,9 @@ class _Bucket:
     pending: int = 0
     work: object | None = None
     out: torch.Tensor | None = None
+    shard_offset: int = 0  # stage 2: where this bucket's owned shard starts in the group's shard buffer
+    buf: torch.Tensor | None = None  # stage 2: transient [end - start] gradients of the current round
+    fired: set[int] = field(default_factory=set)  # stage 2: id(param) delivered since the last reduce
 
     def shard(self, rank: int, size: int) -> tuple[int, int]:
         per = (self.end - self.start) // size
@@ -57,7 +65,8 @@ class _Group:
     rank: int
     divisor: float  # gradient sum -> mean
     offsets: dict[int, int] = field(default_factory=dict)  # id(param) -> start in the flat buffer
-    grad: torch.Tensor | None = None
+    numel: int = 0  # flat (padded) length of all its buckets
+    grad: torch.Tensor | None = None  # stage 1: [numel] fp32; stage 2: [numel / size], owned shards only
     buckets: list[_Bucket] = field(default_factory=list)
 
     def shards(self) -> list[tuple[_Bucket, int, int]]:
@@ -72,8 +81,13 @@ class DistributedOptimizer:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, expert_divisor: float,
                  shard: bool = True, overlap_grad_reduce: bool = False, bucket_numel: int = 1 << 22,
-                 grad_reduce_dtype: torch.dtype = torch.float32) -> None:
-        self.cfg, self.mesh, self.shard_enabled = cfg, mesh, shard
+                 grad_reduce_dtype: torch.dtype = torch.float32, stage: int = 1) -> None:
+        if stage not in (1, 2) or (stage == 2 and not shard):
+            raise ValueError(f"ZeRO stage {stage} is not supported here (1, or 2 with sharding)")
+        self.cfg, self.mesh, self.shard_enabled, self.stage = cfg, mesh, shard, stage
+        # stage 2 reductions in flight: (group, bucket, async work, reduced shard, transient buffer)
+        self._in_flight: list[tuple[_Group, _Bucket, object, torch.Tensor, torch.Tensor]] = []
+        self.peak_grad_bytes = 0  # stage 2: high-water mark of shard + transient gradient buffers
         self._sp_tp_group = mesh.groups.get("tp") if mesh.sequence_parallel and mesh.tp > 1 else None
         self.overlap, self.reduce_dtype = overlap_grad_reduce, grad_reduce_dtype
         params = [p for p in model.parameters() if p.requires_grad]
@@ -114,8 +128,21 @@ class DistributedOptimizer:
         if bucket_params:
             close_bucket()
         device = params[0].device if params else torch.device("cpu")
-        g.grad = torch.zeros(offset, dtype=torch.float32, device=device)
+        g.numel = offset
+        if self.stage == 2:
+            for b in g.buckets:
+                b.shard_offset = b.start // size
+            g.grad = torch.zeros(offset // size, dtype=torch.float32, device=device)
+        else:
+            g.grad = torch.zeros(offset, dtype=torch.float32, device=device)
         return g
+
+    def _grad_view(self, g: _Group, bucket: _Bucket, a: int, b: int) -> torch.Tensor:
+        """This rank's reduced gradient for flat positions [a, b) of its owned shard of ``bucket``."""
+        if self.stage == 1:
+            return g.grad[a:b]
+        lo, _ = bucket.shard(g.rank, g.size)
+        return g.grad[bucket.shard_offset + a - lo:bucket.shard_offset + b - lo]
 
     def _build_masters(self) -> None:
         """fp32 master pieces for every (param, owned shard) overlap, in decay / no-decay groups."""
@@ -129,7 +156,7 @@ class DistributedOptimizer:
                     if a >= b:
                         continue
                     master = p.detach().reshape(-1)[a - start:b - start].float().clone()
-                    master.grad = g.grad[a:b]  # view: the reduced shard lands here
+                    master.grad = self._grad_view(g, bucket, a, b)  # view: the reduced shard lands here
                     self.pieces.append((p, g, a, b, master))
                     (no_decay if p.ndim == 1 else decay).append(master)
         on_gpu = any(m.is_cuda for *_, m in self.pieces)
@@ -141,6 +168,8 @@ class DistributedOptimizer:
     # -- gradients --------------------------------------------------------------------------------
     def _make_hook(self, g: _Group, bucket: _Bucket, p: nn.Parameter):
         start = g.offsets[id(p)]
+        if self.stage == 2:
+            return self._make_stage2_hook(g, bucket, p)
 
         def hook(param: torch.Tensor) -> None:
             g.grad[start:start + param.numel()].add_(param.grad.reshape(-1))
@@ -150,6 +179,67 @@ class DistributedOptimizer:
                 self._launch_ready(g)
 
         return hook
+
+    # -- stage 2: per-bucket transient buffers, reduce-scattered into the owned shard --------------
+    def _make_stage2_hook(self, g: _Group, bucket: _Bucket, p: nn.Parameter):
+        start = g.offsets[id(p)] - bucket.start
+
+        def hook(param: torch.Tensor) -> None:
+            if bucket.buf is None:
+                bucket.buf = torch.zeros(bucket.end - bucket.start, dtype=torch.float32, device=g.grad.device)
+                self._track_grad_bytes()
+            bucket.buf[start:start + param.numel()].add_(param.grad.reshape(-1))
+            param.grad = None
+            bucket.fired.add(id(param))
+            # Every parameter of the bucket delivered (the same moment on every rank of the group: the
+            # backward graphs have the same structure): reduce this round's sum and free the buffer.
+            if len(bucket.fired) == len(bucket.params):
+                self._reduce_stage2(g, bucket)
+
+        return hook
+
+    def _reduce_stage2(self, g: _Group, b: _Bucket) -> None:
+        """Start the reduce-scatter of ``b``'s transient buffer; keep at most two in flight."""
+        buf, b.buf, b.fired = b.buf, None, set()
+        if buf is None:
+            return
+        if self.reduce_dtype != torch.float32:
+            buf = buf.to(self.reduce_dtype)
+        out = torch.empty((b.end - b.start) // g.size, dtype=buf.dtype, device=buf.device)
+        work = _reduce_scatter_single(out, buf, group=g.group, async_op=True) if g.group is not None else None
+        self._in_flight.append((g, b, work, out, buf))
+        self._track_grad_bytes()
+        while len(self._in_flight) > 2:
+            self._complete_oldest()
+
+    def _complete_oldest(self) -> None:
+        g, b, work, out, _buf = self._in_flight.pop(0)  # dropping _buf frees the transient buffer
+        if work is not None:
+            work.wait()
+        g.grad[b.shard_offset:b.shard_offset + out.numel()].add_(out)
+
+    def _track_grad_bytes(self) -> None:
+        live = sum(g.grad.numel() * 4 + sum(b.buf.numel() * 4 for b in g.buckets if b.buf is not None)
+                   for g in self.groups) if hasattr(self, "groups") else 0
+        live += sum(out.numel() * out.element_size() + buf.numel() * buf.element_size()
+                    for *_, out, buf in self._in_flight)
+        self.peak_grad_bytes = max(self.peak_grad_bytes, live)
+
+    def _finish_stage2(self) -> None:
+        for g in self.groups:  # buckets some parameter of which got no gradient this round
+            for b in g.buckets:
+                if b.buf is not None:
+                    self._reduce_stage2(g, b)
+        while self._in_flight:
+            self._complete_oldest()
+        if self._sp_tp_group is not None:
+            # SP: TP-replicated params saw only a sequence shard. Summing over TP commutes with the
+            # DP reduction, and TP peers own the same shard positions, so sum the reduced shards.
+            for p, _, _, _, master in self.pieces:
+                if getattr(p, "_mm_sp_replicated", False):
+                    dist.all_reduce(master.grad, group=self._sp_tp_group)
+        for g in self.groups:
+            g.grad.div_(g.divisor)
 
     def start_step(self, micro_batches: int) -> None:
         """Before the step's backwards: how many gradients each parameter will receive."""
@@ -189,6 +279,9 @@ class DistributedOptimizer:
 
     def finish_grad_sync(self) -> None:
         """Wait for (or run) every bucket's reduction and scale the owned shards to the mean."""
+        if self.stage == 2:
+            self._finish_stage2()
+            return
         for g in self.groups:
             for b, lo, hi in g.shards():
                 if b.work is None:
@@ -247,6 +340,8 @@ class DistributedOptimizer:
     def zero_grad(self) -> None:
         for g in self.groups:
             g.grad.zero_()
+            for b in g.buckets:
+                b.buf, b.fired = None, set()
 
     # -- accounting and state ---------------------------------------------------------------------
     def memory_bytes(self) -> dict[str, int]:
@@ -254,7 +349,12 @@ class DistributedOptimizer:
         params = sum(p.numel() * p.element_size() for g in self.groups for p in g.params)
         grads = sum(g.grad.numel() * g.grad.element_size() for g in self.groups)
         masters = sum(m.numel() * 4 for *_, m in self.pieces)
-        return dict(params=params, grads=grads, master=masters, optimizer=2 * masters)
+        out = dict(params=params, grads=grads, master=masters, optimizer=2 * masters)
+        if self.stage == 2:  # transient buckets, typically two reducing and one filling
+            full = sum(g.numel for g in self.groups)
+            biggest = max(b.end - b.start for g in self.groups for b in g.buckets)
+            out["grad_buckets"] = 4 * min(full, 3 * biggest)
+        return out
 
     # -- checkpoint interface (layout-independent: whole local parameters) ------------------------
     STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
@@ -265,7 +365,7 @@ class DistributedOptimizer:
         out: dict[int, dict[str, torch.Tensor]] = {}
         step = 0.0
         for g in self.groups:
-            flats = {k: torch.zeros(g.grad.numel(), dtype=torch.float32, device=g.grad.device)
+            flats = {k: torch.zeros(g.numel, dtype=torch.float32, device=g.grad.device)
                      for k in self.STATE_KINDS}
             for _, pg, a, b, master in self.pieces:
                 if pg is not g:
@@ -301,14 +401,17 @@ class DistributedOptimizer:
 
 
 def optimizer_memory_estimate(dense_params: int, expert_params: int, tp: int, pp: int, ep: int, dp: int,
-                              edp: int, zero: bool, weight_bytes: int = 2) -> dict[str, float]:
+                              edp: int, zero: bool, weight_bytes: int = 2, zero_stage: int = 1
+                              ) -> dict[str, float]:
     """Formula-based bytes per rank (the planner's model): weights in compute precision, fp32 gradient
-    buffers, fp32 masters + two AdamW moments; the last three sharded over DP (dense) / expert-DP
-    (experts) when ``zero``. Dense weights are split over TP x PP, experts over EP x PP."""
+    buffers, fp32 masters + two AdamW moments; the last two sharded over DP (dense) / expert-DP
+    (experts) when ``zero``, and the gradients too with ``zero_stage`` 2 (transient buckets not
+    counted). Dense weights are split over TP x PP, experts over EP x PP."""
     dense_local = dense_params / (tp * pp)
     expert_local = expert_params / (ep * pp)
     state = 12.0  # fp32 master + exp_avg + exp_avg_sq
-    dense_state = dense_local * state / (dp if zero else 1)
-    expert_state = expert_local * state / (edp if zero else 1)
-    return dict(weights=(dense_local + expert_local) * weight_bytes, grads=(dense_local + expert_local) * 4,
-                optimizer=dense_state + expert_state)
+    dense_div, expert_div = (dp, edp) if zero else (1, 1)
+    grad_div = (dense_div, expert_div) if zero and zero_stage == 2 else (1, 1)
+    return dict(weights=(dense_local + expert_local) * weight_bytes,
+                grads=dense_local * 4 / grad_div[0] + expert_local * 4 / grad_div[1],
+                optimizer=dense_local * state / dense_div + expert_local * state / expert_div)
