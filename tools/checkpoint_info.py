@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{m['num_attention_heads']}x{m['kv_channels']}, ffn {m['ffn_hidden_size']}, "
           f"vocab {m['vocab_size']}, {moe['num_experts']} experts top-{moe['router_topk']} "
           f"every {moe['layer_freq']} layers")
+    if "placement" in meta:  # logical expert -> EP rank
+        pl = meta["placement"]
+        print(f"placement      EP {pl['ep_size']}: expert->rank {pl['rank_of']}")
     print(f"files          {len(index.files)} x safetensors, {size / 2**20:.2f} MiB")
     kinds: dict[str, int] = {}
     keys: dict[str, set[str]] = {}

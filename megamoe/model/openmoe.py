@@ -125,10 +125,11 @@ class OpenMoEModel(nn.Module):
 class StageModel(nn.Module):
     """This rank's model chunks (one per virtual pipeline stage), sharing one MoEStats."""
 
-    def __init__(self, chunks: list[OpenMoEModel]) -> None:
+    def __init__(self, chunks: list[OpenMoEModel], placement: ExpertPlacement | None = None) -> None:
         super().__init__()
         self.chunks = nn.ModuleList(chunks)
         self.moe_stats = chunks[0].moe_stats
+        self.placement = placement  # the expert placement every MoE layer was built with (checkpointed)
 
     def init_weights(self, seed: int) -> None:
         for chunk in self.chunks:

@@ -7,7 +7,8 @@ parallel; a load under any other layout (TP / PP / EP / DP / ZeRO on or off / an
 reads, for each of its parameters, the overlapping regions from whichever files hold them.
 
     DIR/iter_0000100/rank_00003.safetensors   weight / master / exp_avg / exp_avg_sq pieces
-    DIR/iter_0000100/meta.json                iteration, consumed samples, AdamW step, layout, config
+    DIR/iter_0000100/meta.json                iteration, consumed samples, AdamW step, layout, config,
+                                              expert placement
     DIR/latest                                "iter_0000100", replaced last (atomic rename)
 
 A save is written to ``iter_XXXXXXX.tmp`` and renamed only when every rank has finished, then
@@ -30,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from megamoe.config import Config
+from megamoe.moe.dispatcher import ExpertPlacement
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.parallel.zero import DistributedOptimizer
 
@@ -162,6 +164,10 @@ def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimiz
         meta = {"format": FORMAT_VERSION, "iteration": state.iteration,
                 "consumed_samples": state.consumed_samples, "adam_step": step, "world_size": world,
                 "layout": mesh.describe(), "files": world, "config": dataclasses.asdict(cfg)}
+        placement = getattr(model, "placement", None)
+        if placement is not None:  # where each logical expert lived, for a resume at the same EP size
+            meta["placement"] = {"ep_size": placement.ep_size, "rank_of": list(placement.rank_of),
+                                 "slot_of": list(placement.slot_of)}
         _atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
     _barrier(world)
     if rank == 0:
@@ -194,6 +200,17 @@ def resolve_checkpoint(directory: str) -> str | None:
         raise CheckpointError(f"checkpoint {path} named by {pointer} is missing or incomplete; "
                               "point --load at an intact iter_* directory")
     return path
+
+
+def saved_placement(directory: str, ep_size: int) -> ExpertPlacement | None:
+    """The expert placement the checkpoint in ``directory`` was trained with, if it was saved under
+    the same EP size (under another EP size the default placement is used: pieces are keyed by
+    logical expert, so any placement loads)."""
+    path = resolve_checkpoint(directory)
+    saved = read_meta(path).get("placement") if path is not None else None
+    if not saved or saved["ep_size"] != ep_size:
+        return None
+    return ExpertPlacement(rank_of=tuple(saved["rank_of"]), slot_of=tuple(saved["slot_of"]), ep_size=ep_size)
 
 
 def read_meta(path: str) -> dict[str, Any]:

@@ -255,11 +255,21 @@ class Trainer:
             self._stop_signal = signal.Signals(signum).name
 
         self._stop_signal: str | None = None
+        self._previous_handlers: dict[int, Any] = {}
         try:
             for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, request_stop)
+                self._previous_handlers[sig] = signal.signal(sig, request_stop)
         except ValueError:  # not the main thread (e.g. embedded use): no signal-driven stop
             pass
+
+    def _restore_signal_handlers(self) -> None:
+        """Put the previous handlers back. Our handler's closure holds the trainer and through it the
+        process groups; left installed, it frees them only during interpreter shutdown, when gloo's
+        worker threads can no longer take the GIL to release their last tensors (std::terminate,
+        exit code -6, seen here in ~15% of 2-rank runs)."""
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
 
     def _exit_reason(self, iteration: int) -> str | None:
         """Why to stop after this step, agreed by every rank (a signal may reach only some)."""
@@ -279,25 +289,28 @@ class Trainer:
         t = self.cfg.train
         self._start_time = time.time()
         self._install_signal_handlers()
-        saved_at = None
-        while self.state.iteration < t.train_iters:
-            rec = self.train_step()
-            self.history.append(rec)
-            self.logger.log_iteration(rec)
-            it = rec["iteration"]
-            if it % t.eval_interval == 0:
-                loss = self.evaluate()
-                if loss is not None:
-                    self.logger.log_eval(it, loss)
-            if t.save_interval and it % t.save_interval == 0:
+        try:
+            saved_at = None
+            while self.state.iteration < t.train_iters:
+                rec = self.train_step()
+                self.history.append(rec)
+                self.logger.log_iteration(rec)
+                it = rec["iteration"]
+                if it % t.eval_interval == 0:
+                    loss = self.evaluate()
+                    if loss is not None:
+                        self.logger.log_eval(it, loss)
+                if t.save_interval and it % t.save_interval == 0:
+                    self.save()
+                    saved_at = it
+                reason = self._exit_reason(it)
+                if reason is not None:
+                    self.logger.info(f" > exiting after iteration {it}: {reason}")
+                    break
+            if t.save and saved_at != self.state.iteration:
                 self.save()
-                saved_at = it
-            reason = self._exit_reason(it)
-            if reason is not None:
-                self.logger.info(f" > exiting after iteration {it}: {reason}")
-                break
-        if t.save and saved_at != self.state.iteration:
-            self.save()
+        finally:
+            self._restore_signal_handlers()
         return self.history
 
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +26,7 @@ from megamoe.parallel.mesh import ParallelMesh, build_mesh, detect_launch, init_
 from megamoe.parallel.pipeline import P2P, stage_layer_ranges
 from megamoe.parallel.tensor import TPContext
 from megamoe.parallel.zero import DistributedOptimizer
-from megamoe.training.checkpoint import CheckpointError, load_checkpoint
+from megamoe.training.checkpoint import CheckpointError, load_checkpoint, saved_placement
 from megamoe.training.loop import Trainer, expert_grad_divisor
 from megamoe.training.metrics import MetricsLogger, measure_peak_tflops
 from megamoe.training.optim import build_optimizer
@@ -70,13 +71,14 @@ def build_stage_model(cfg: Config, mesh: ParallelMesh, placement: ExpertPlacemen
     ranges = stage_layer_ranges(cfg.model.num_layers, mesh.pp, vp, p.decoder_first_pipeline_num_layers,
                                 p.decoder_last_pipeline_num_layers)
     tp, ep = TPContext.from_mesh(mesh), EPTopology.from_mesh(mesh, p.moe_hierarchical_alltoall)
+    placement = placement or ExpertPlacement.contiguous(cfg.moe.num_experts, mesh.ep)
     stats = MoEStats()
     chunks = []
     for c in range(vp):
         v = c * mesh.pp + mesh.pp_rank
         chunks.append(OpenMoEModel(cfg, ranges[v], tp, ep, pre_process=v == 0,
                                    post_process=v == len(ranges) - 1, stats=stats, placement=placement))
-    return StageModel(chunks)
+    return StageModel(chunks, placement)
 
 
 def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None,
@@ -86,6 +88,8 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
     cfg, train_data, valid_data = build_datasets(cfg, mesh)
     cfg.validate(mesh.world_size)
     torch.manual_seed(cfg.train.seed)
+    if placement is None and cfg.train.load:  # resume where the experts were (same EP size only)
+        placement = saved_placement(cfg.train.load, mesh.ep)
     model = build_stage_model(cfg, mesh, placement)
     logger = MetricsLogger(cfg, enabled=mesh.rank == 0)
     model.init_weights(cfg.train.seed)
@@ -168,4 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        # Free the process groups now, while gloo's threads can still take the GIL to drop their
+        # last tensors; freed during interpreter shutdown they abort the process (exit code -6).
+        mesh.groups.clear()
+        del mesh
+        gc.collect()
     return 0

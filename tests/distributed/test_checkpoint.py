@@ -76,3 +76,23 @@ def test_missing_and_mismatched_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="iter_0000099 named by .* is missing"):
         train_losses(1, ["--train-iters", "3", "--load", str(tmp_path)])
     assert train_losses(1, ["--train-iters", "2", "--load", str(tmp_path / "empty")])  # none yet: fresh
+
+
+def test_resume_restores_the_saved_expert_placement(tmp_path, monkeypatch):
+    from megamoe.training import checkpoint, run
+
+    common = ["--lr-decay-iters", "6", EP, "2"]
+    swapped = ExpertPlacement.from_ranks([1, 0, 1, 0, 1, 0, 1, 0], 2)
+    full = train_losses(2, common + ["--train-iters", "6"], placement=swapped)
+    train_losses(2, common + ["--train-iters", "3", "--save", str(tmp_path)], placement=swapped)
+    assert checkpoint.saved_placement(str(tmp_path), 2) == swapped
+    assert checkpoint.saved_placement(str(tmp_path), 4) is None  # another EP size: default placement
+    built = run.build_stage_model
+
+    def must_be_swapped(cfg, mesh, placement=None):  # runs inside the forked ranks
+        assert placement == swapped, placement
+        return built(cfg, mesh, placement)
+
+    monkeypatch.setattr(run, "build_stage_model", must_be_swapped)
+    resumed = train_losses(2, common + ["--train-iters", "6", "--load", str(tmp_path)])
+    assert [r["lm_loss"] for r in resumed] == [r["lm_loss"] for r in full[3:]]
