@@ -91,3 +91,13 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     train_losses(1, ["--train-iters", "2", "--wandb-project", "megamoe-test"])
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_signal_handlers_are_restored_after_training():
+    # A handler left installed keeps the trainer (and its process groups) alive into interpreter
+    # shutdown, where gloo's threads abort the process while releasing them (exit code -6).
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    train_losses(1, ["--train-iters", "1"])
+    assert {s: signal.getsignal(s) for s in before} == before
