@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--zero-stage", type=int, default=1,
                    help="with --use-distributed-optimizer: 1 shards optimizer state (default), 2 also "
                         "gradients (reduce-scatter per bucket as backward produces it, every micro-batch)")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="all-gather updated parameters asynchronously; each module waits for its own "
+                        "buckets just before its forward")
     g.add_argument("--ddp-bucket-size", type=int, default=1 << 22,
                    help="gradient bucket size in elements for the distributed optimizer's reductions")
     prec = g.add_mutually_exclusive_group()
@@ -217,6 +220,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         use_distributed_optimizer=args.use_distributed_optimizer,
         overlap_grad_reduce=args.overlap_grad_reduce, grad_reduce_in_bf16=args.grad_reduce_in_bf16,
         zero_stage=args.zero_stage, ddp_bucket_size=args.ddp_bucket_size,
+        overlap_param_gather=args.overlap_param_gather,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, save=args.save,
         load=args.load, save_interval=args.save_interval, metrics_file=args.metrics_file,
         exit_interval=args.exit_interval, exit_duration_in_mins=args.exit_duration_in_mins,

@@ -153,6 +153,7 @@ class TrainConfig:
     grad_reduce_in_bf16: bool = False
     zero_stage: int = 1  # 2: gradients too are kept only as this rank's shard (distributed optimizer)
     ddp_bucket_size: int = 1 << 22  # gradient bucket size in elements (one reduce-scatter each)
+    overlap_param_gather: bool = False  # all-gather updated params async, wait per module in forward
     log_interval: int = 10
     eval_interval: int = 1000
     eval_iters: int = 10
@@ -189,6 +190,8 @@ class TrainConfig:
         _check(self.zero_stage in (1, 2), f"--zero-stage must be 1 or 2, got {self.zero_stage}")
         _check(self.zero_stage == 1 or self.use_distributed_optimizer,
                "--zero-stage 2 needs --use-distributed-optimizer")
+        _check(not self.overlap_param_gather or self.use_distributed_optimizer,
+               "--overlap-param-gather needs --use-distributed-optimizer")
         _check(self.ddp_bucket_size > 0, f"--ddp-bucket-size must be positive, got {self.ddp_bucket_size}")
 
 

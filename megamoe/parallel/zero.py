@@ -47,6 +47,7 @@ class _Bucket:
     shard_offset: int = 0  # stage 2: where this bucket's owned shard starts in the group's shard buffer
     buf: torch.Tensor | None = None  # stage 2: transient [end - start] gradients of the current round
     fired: set[int] = field(default_factory=set)  # stage 2: id(param) delivered since the last reduce
+    gather: tuple | None = None  # (async work or None, gathered bucket, own shard) until copied in
 
     def shard(self, rank: int, size: int) -> tuple[int, int]:
         per = (self.end - self.start) // size
@@ -81,10 +82,12 @@ class DistributedOptimizer:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, expert_divisor: float,
                  shard: bool = True, overlap_grad_reduce: bool = False, bucket_numel: int = 1 << 22,
-                 grad_reduce_dtype: torch.dtype = torch.float32, stage: int = 1) -> None:
+                 grad_reduce_dtype: torch.dtype = torch.float32, stage: int = 1,
+                 overlap_param_gather: bool = False) -> None:
         if stage not in (1, 2) or (stage == 2 and not shard):
             raise ValueError(f"ZeRO stage {stage} is not supported here (1, or 2 with sharding)")
         self.cfg, self.mesh, self.shard_enabled, self.stage = cfg, mesh, shard, stage
+        self.overlap_param_gather = overlap_param_gather
         # stage 2 reductions in flight: (group, bucket, async work, reduced shard, transient buffer)
         self._in_flight: list[tuple[_Group, _Bucket, object, torch.Tensor, torch.Tensor]] = []
         self.peak_grad_bytes = 0  # stage 2: high-water mark of shard + transient gradient buffers
@@ -103,6 +106,8 @@ class DistributedOptimizer:
             for b in g.buckets:
                 for p in b.params:
                     p.register_post_accumulate_grad_hook(self._make_hook(g, b, p))
+        if overlap_param_gather:
+            self._install_gather_hooks(model)
 
     # -- layout -----------------------------------------------------------------------------------
     def _make_group(self, name: str, params: list[nn.Parameter], group_name: str, replicas: int, rank: int,
@@ -318,24 +323,61 @@ class DistributedOptimizer:
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
+        """AdamW on the master shards, then write each updated shard back and all-gather its bucket
+        (async with --overlap-param-gather: a bucket's copy-in waits for the first forward that
+        needs it, see :meth:`_install_gather_hooks`)."""
         for group in self.inner.param_groups:
             group["lr"] = lr
         self.inner.step()
-        for g in self.groups:  # write each updated shard back, all-gather the bucket, copy to params
+        for g in self.groups:
             dtype = g.params[0].dtype
             for bucket, lo, hi in g.shards():
                 shard = torch.zeros(hi - lo, dtype=dtype, device=g.grad.device)
                 for _, pg, a, b, master in self.pieces:
                     if pg is g and lo <= a < hi:
                         shard[a - lo:b - lo].copy_(master)
+                work, full = None, shard
                 if g.size > 1:
                     full = torch.empty(bucket.end - bucket.start, dtype=dtype, device=shard.device)
-                    _all_gather_single(full, shard, group=g.group)
-                else:
-                    full = shard
-                for p in bucket.params:
-                    start = g.offsets[id(p)] - bucket.start
-                    p.data.copy_(full[start:start + p.numel()].view_as(p))
+                    work = _all_gather_single(full, shard, group=g.group, async_op=self.overlap_param_gather)
+                bucket.gather = (work, full, shard)  # the shard stays alive until the gather is done
+                if not self.overlap_param_gather:
+                    self._finish_gather(g, bucket)
+
+    def _finish_gather(self, g: _Group, bucket: _Bucket) -> None:
+        work, full, _shard = bucket.gather
+        bucket.gather = None
+        if work is not None:
+            work.wait()
+        for p in bucket.params:
+            start = g.offsets[id(p)] - bucket.start
+            p.data.copy_(full[start:start + p.numel()].view_as(p))
+
+    def finish_param_sync(self) -> None:
+        """Complete every pending parameter all-gather (before reading weights outside a forward:
+        checkpoints, the end of training)."""
+        for g in self.groups:
+            for b in g.buckets:
+                if b.gather is not None:
+                    self._finish_gather(g, b)
+
+    def _install_gather_hooks(self, model: nn.Module) -> None:
+        """Megatron-style: every module with parameters of its own waits, just before its forward,
+        for the all-gathers of the buckets holding them; the other buckets keep gathering meanwhile."""
+        where = {id(p): (g, b) for g in self.groups for b in g.buckets for p in b.params}
+        for module in model.modules():
+            needed = {id(where[id(p)][1]): where[id(p)] for p in module.parameters(recurse=False)
+                      if id(p) in where}
+            if needed:
+                module.register_forward_pre_hook(self._make_gather_hook(list(needed.values())))
+
+    def _make_gather_hook(self, needed: list[tuple[_Group, _Bucket]]):
+        def hook(_module: nn.Module, _args: object) -> None:
+            for g, b in needed:
+                if b.gather is not None:
+                    self._finish_gather(g, b)
+
+        return hook
 
     def zero_grad(self) -> None:
         for g in self.groups:

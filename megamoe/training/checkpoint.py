@@ -144,6 +144,8 @@ def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimiz
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier(world)
+    if isinstance(optimizer, DistributedOptimizer):
+        optimizer.finish_param_sync()  # weights still being all-gathered (--overlap-param-gather)
     params = list(model.named_parameters())
     opt_states, step = optimizer_states(optimizer, params)  # collective under ZeRO
     tensors: dict[str, torch.Tensor] = {}
@@ -289,6 +291,8 @@ def load_checkpoint(directory: str, model: nn.Module, optimizer: Any, mesh: Para
     if cfg is not None:
         _check_same_model(meta, cfg, path)
     index = _Index(path, int(meta["files"]))
+    if isinstance(optimizer, DistributedOptimizer):
+        optimizer.finish_param_sync()  # a pending gather must not overwrite the loaded weights
     params = list(model.named_parameters())
     states: dict[int, dict[str, torch.Tensor]] = {}
     with torch.no_grad():

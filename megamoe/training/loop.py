@@ -309,6 +309,8 @@ class Trainer:
                     break
             if t.save and saved_at != self.state.iteration:
                 self.save()
+            if isinstance(self.optimizer, DistributedOptimizer):
+                self.optimizer.finish_param_sync()  # the returned model holds the final weights
         finally:
             self._restore_signal_handlers()
         return self.history

@@ -101,7 +101,7 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
             model, cfg.train, mesh, expert_grad_divisor(mesh, cfg),
             overlap_grad_reduce=cfg.train.overlap_grad_reduce, bucket_numel=cfg.train.ddp_bucket_size,
             grad_reduce_dtype=torch.bfloat16 if cfg.train.grad_reduce_in_bf16 else torch.float32,
-            stage=cfg.train.zero_stage)
+            stage=cfg.train.zero_stage, overlap_param_gather=cfg.train.overlap_param_gather)
         mem = optimizer.memory_bytes()
     else:
         optimizer = build_optimizer(model, cfg.train)
