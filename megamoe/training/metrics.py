@@ -123,7 +123,13 @@ def format_line(rec: dict[str, Any], train_iters: int) -> str:
             f"aux loss: {rec['aux_loss']:.4E} | z loss: {rec['z_loss']:.4E} | "
             f"grad norm: {rec['grad_norm']:.4f} | tokens/s: {rec['tokens_per_sec']:.0f} | "
             f"TFLOP/s/device: {rec['tflops']:.4f} | MFU: {rec['mfu'] * 100:.1f}% | "
-            f"expert load max/mean: {rec['load_imbalance']:.2f}{_a2a(rec)}{skipped}")
+            f"expert load max/mean: {rec['load_imbalance']:.2f}{_a2a(rec)}{_bubble(rec)}{skipped}")
+
+
+def _bubble(rec: dict[str, Any]) -> str:
+    if "pp_idle_frac" not in rec:
+        return ""
+    return f" | pipeline idle: {rec['pp_idle_frac'] * 100:.1f}%"
 
 
 def _a2a(rec: dict[str, Any]) -> str:

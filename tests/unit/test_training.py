@@ -101,3 +101,14 @@ def test_signal_handlers_are_restored_after_training():
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     train_losses(1, ["--train-iters", "1"])
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_console_line_shows_pipeline_idle_and_all_to_all_only_when_present():
+    from megamoe.training.metrics import format_line
+
+    rec = dict(iteration=1, consumed_samples=8, step_time=0.1, lr=1e-3, lm_loss=7.0, aux_loss=2.0, z_loss=4.0,
+               grad_norm=1.0, tokens_per_sec=1000, tflops=0.01, mfu=0.1, load_imbalance=1.2)
+    assert "pipeline idle" not in format_line(rec, 10) and "a2a" not in format_line(rec, 10)
+    line = format_line(dict(rec, pp_idle_frac=0.25, a2a_bytes_intra=2**20, a2a_bytes_inter=0,
+                            a2a_msgs_intra=4, a2a_msgs_inter=0), 10)
+    assert "pipeline idle: 25.0%" in line and "a2a sent intra/inter: 1.00/0.00 MiB in 4/0 msgs" in line
