@@ -1,0 +1,33 @@
+"""Layout invariance with many features at once on 8 ranks: every combination here must train to the
+single-process losses (DESIGN.md section 2), so interactions between features are covered too."""
+
+import pytest
+
+from tests.harness import train_losses
+
+BIG = ["--global-batch-size", "16"]
+TP, PP, EP, Z = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+                 "--expert-model-parallel-size", "--use-distributed-optimizer")
+
+
+@pytest.fixture(scope="module")
+def single_big():
+    return train_losses(1, BIG)
+
+
+@pytest.mark.parametrize("extra", [
+    [TP, "2", "--sequence-parallel", PP, "2", "--num-layers-per-virtual-pipeline-stage", "1", EP, "2",
+     Z, "--zero-stage", "2", "--overlap-param-gather", "--moe-alltoall-chunks", "4",
+     "--ddp-bucket-size", "3000"],
+    [PP, "2", EP, "4", "--moe-hierarchical-alltoall", "--moe-ranks-per-node", "2", Z,
+     "--overlap-grad-reduce"],
+    [TP, "2", EP, "4", Z, "--zero-stage", "2", "--moe-alltoall-chunks", "2"],
+], ids=["tp2-sp-pp2-interleaved-ep2-zero2-opg-chunks4", "pp2-ep4-hier-2x2-zero-overlap",
+        "tp2-dedup-ep4-zero2-chunks2"])
+def test_everything_at_once_world8(single_big, extra):
+    recs = train_losses(8, BIG + extra)
+    assert len(recs) == len(single_big) == 10
+    for a, b in zip(single_big, recs):
+        for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["iteration"], key)
+    assert single_big[-1]["lm_loss"] < single_big[0]["lm_loss"]  # it trained
