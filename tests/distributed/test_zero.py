@@ -104,6 +104,9 @@ def test_bf16_within_bf16_tolerance_of_fp32():
     for a, b in zip(fp32, bf16):
         assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=2e-2)
     assert bf16[-1]["lm_loss"] != fp32[-1]["lm_loss"]  # it really ran in bf16
+    bf16_zero2 = train_losses(2, steps + [Z, "--bf16", "--zero-stage", "2", "--overlap-param-gather"])
+    for a, b in zip(fp32, bf16_zero2):
+        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=2e-2)
 
 
 def test_resume_with_distributed_optimizer_is_exact(tmp_path):
