@@ -210,8 +210,10 @@ class DistributedOptimizer:
             return
         if self.reduce_dtype != torch.float32:
             buf = buf.to(self.reduce_dtype)
-        out = torch.empty((b.end - b.start) // g.size, dtype=buf.dtype, device=buf.device)
-        work = _reduce_scatter_single(out, buf, group=g.group, async_op=True) if g.group is not None else None
+        work, out = None, buf  # a group of one (e.g. expert-DP 1): the buffer is the shard
+        if g.group is not None:
+            out = torch.empty((b.end - b.start) // g.size, dtype=buf.dtype, device=buf.device)
+            work = _reduce_scatter_single(out, buf, group=g.group, async_op=True)
         self._in_flight.append((g, b, work, out, buf))
         self._track_grad_bytes()
         while len(self._in_flight) > 2:
@@ -225,9 +227,10 @@ class DistributedOptimizer:
 
     def _track_grad_bytes(self) -> None:
         live = sum(g.grad.numel() * 4 + sum(b.buf.numel() * 4 for b in g.buckets if b.buf is not None)
-                   for g in self.groups) if hasattr(self, "groups") else 0
-        live += sum(out.numel() * out.element_size() + buf.numel() * buf.element_size()
-                    for *_, out, buf in self._in_flight)
+                   for g in self.groups)
+        for *_, out, buf in self._in_flight:
+            live += out.numel() * out.element_size()
+            live += buf.numel() * buf.element_size() if buf is not out else 0
         self.peak_grad_bytes = max(self.peak_grad_bytes, live)
 
     def _finish_stage2(self) -> None:

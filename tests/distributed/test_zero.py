@@ -176,6 +176,14 @@ def test_zero2_layout_invariance(single, world, extra):
     _same(single, train_losses(world, extra), rel=1e-2 if "--grad-reduce-in-bf16" in extra else 1e-5)
 
 
+@pytest.mark.parametrize("world, extra", [
+    (1, Z2),
+    (2, Z2 + [EP, "2"]),  # expert-DP 1: the expert group has no one to reduce with
+], ids=["single", "ep2-edp1"])
+def test_zero2_groups_of_one(single, world, extra):
+    _same(single, train_losses(world, extra))
+
+
 def test_zero2_layout_invariance_world8(single_big):
     _same(single_big, train_losses(8, BIG + Z2 + [TP, "2", EP, "2"]))
 
