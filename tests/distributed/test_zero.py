@@ -139,7 +139,7 @@ def test_grad_reduce_in_bf16_stays_close_to_fp32(single):
         assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-2)
 
 
-@pytest.mark.parametrize("extra", [[], [Z]], ids=["plain", "zero"])
+@pytest.mark.parametrize("extra", [[], [Z], [Z, "--zero-stage", "2"]], ids=["plain", "zero", "zero2"])
 def test_non_finite_gradient_skips_the_step(monkeypatch, extra):
     # An inf in one expert gradient at iteration 2 only: the step is skipped (logged), the weights are
     # untouched, and training continues from the same weights as if that batch were never applied.
