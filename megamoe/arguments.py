@@ -48,8 +48,7 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Pretrain an OpenMoE model (Megatron-style flags).")
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model-preset", default=None,
                    help=f"one of {', '.join(PRESETS)}; explicit shape flags override it")
@@ -62,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm-epsilon", type=float, default=1e-6)
     g.add_argument("--rotary-base", type=float, default=10000.0)
 
+
+def _add_moe_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mixture of experts")
     g.add_argument("--num-experts", type=int, default=None)
     g.add_argument("--moe-router-topk", type=int, default=None)
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-moe-grouped-gemm", dest="moe_grouped_gemm", action="store_false",
                    help="run experts as a loop of GEMMs over contiguous slices (reference path)")
 
+
+def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -97,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distributed-backend", choices=("gloo", "nccl"), default=None)
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
 
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=8)
@@ -129,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     prec.add_argument("--bf16", action="store_true")
     prec.add_argument("--fp32", action="store_true")
 
+
+def _add_logging_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--eval-interval", type=int, default=1000)
@@ -147,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for MFU; default: measured GEMM rate at start-up")
 
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--mock-data", action="store_true")
     g.add_argument("--data-path", nargs="+", default=[],
@@ -155,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-type", default="SentencePieceTokenizer")
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--data-cache-path", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Pretrain an OpenMoE model (Megatron-style flags).")
+    for add in (_add_model_flags, _add_moe_flags, _add_parallel_flags, _add_training_flags,
+                _add_logging_flags, _add_data_flags):
+        add(p)  # one argument group each, in --help order
     return p
 
 

@@ -25,6 +25,7 @@ import queue as queue_mod
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -127,7 +128,9 @@ def partition_ranges(path: str, k: int) -> list[tuple[int, int, int]]:
     return [(cuts[i], cuts[i + 1], first_line[i]) for i in range(k)]
 
 
-def read_batches(path: str, start: int, end: int, first_line: int):
+def read_batches(path: str, start: int, end: int, first_line: int
+                 ) -> Iterator[list[tuple[int, bytes]]]:
+    """Raw lines of bytes [start, end) of the JSONL file, numbered from first_line, in batches."""
     batch, size, lineno = [], 0, first_line
     with open(path, "rb") as f:
         f.seek(start)

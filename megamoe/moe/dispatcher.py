@@ -274,7 +274,7 @@ class _OverlappedExchange(torch.autograd.Function):
         return tuple(buf for buf, _ in back)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
+    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         from megamoe.parallel.comm import all_to_all_async
 
         steps = ctx.steps
