@@ -25,6 +25,7 @@ EP="${EP:-8}"
 PP="${PP:-1}"
 GBS="${GBS:-1024}"
 TRAIN_ITERS="${TRAIN_ITERS:-500000}"
+ZERO_STAGE="${ZERO_STAGE:-1}"   # 2 also shards fp32 gradients (more reduce traffic, less memory)
 
 if [ -n "$DATA_PATH" ]; then
   DATA_ARGS=(--data-path $DATA_PATH --tokenizer-model "$TOKENIZER" --split 969,30,1)
@@ -45,7 +46,7 @@ ARGS=(
   --micro-batch-size 1 --global-batch-size "$GBS" --seq-length 2048
   --train-iters "$TRAIN_ITERS" --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 2000 --lr-decay-style cosine
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
-  --bf16 --use-distributed-optimizer --overlap-grad-reduce
+  --bf16 --use-distributed-optimizer --zero-stage "$ZERO_STAGE" --overlap-grad-reduce --overlap-param-gather
   --save "$CKPT" --load "$CKPT" --save-interval 1000
   --log-interval 10 --eval-interval 1000 --eval-iters 10
   --metrics-file "$CKPT/metrics.jsonl" --tensorboard-dir "$CKPT/tensorboard"

@@ -124,5 +124,7 @@ def test_8b_launch_script_is_a_valid_layout(nnodes):
     cfg.validate(8 * nnodes)
     assert cfg.model.num_layers == 24 and cfg.moe.num_experts == 32
     assert cfg.parallel.moe_hierarchical_alltoall == (nnodes > 1)
+    t = cfg.train
+    assert t.use_distributed_optimizer and t.overlap_param_gather and t.zero_stage == 1
     sbatch = subprocess.run(["bash", "-n", "examples/slurm/pretrain_openmoe_8b.sbatch"], cwd=ROOT)
     assert sbatch.returncode == 0
