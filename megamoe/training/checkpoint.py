@@ -156,8 +156,9 @@ def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimiz
         for piece in param_pieces(_global_name(pname), p):
             for kind, src in sources.items():
                 tensors[piece.entry(kind)] = src[piece.local].contiguous().cpu()
-    if rank == 0:
-        tensors["rng/torch"] = torch.get_rng_state()
+    tensors["rng/torch"] = torch.get_rng_state()  # every rank its own generator (dropout streams)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
     save_file(tensors, os.path.join(tmp, f"rank_{rank:05d}.safetensors"),
               metadata={"format": str(FORMAT_VERSION)})
     if os.environ.get("MEGAMOE_TEST_CRASH_IN_SAVE") == f"{rank}:{state.iteration}":
@@ -312,9 +313,18 @@ def load_checkpoint(directory: str, model: nn.Module, optimizer: Any, mesh: Para
             st.setdefault("master", p.detach().float().cpu().clone())  # fp32 weights are the masters
             states[id(p)] = st
     _load_optimizer(optimizer, params, states, float(meta.get("adam_step", 0.0)))
-    if mesh.rank == 0 and "rng/torch" in index._handle(index.files[0]).keys():
-        torch.set_rng_state(index._handle(index.files[0]).get_tensor("rng/torch"))
+    _load_rng(index, mesh.rank if int(meta["world_size"]) == mesh.world_size else 0)
     return TrainState(iteration=int(meta["iteration"]), consumed_samples=int(meta["consumed_samples"]))
+
+
+def _load_rng(index: _Index, source_rank: int) -> None:
+    """Restore the generators this rank saved (same world size), else those of rank 0: under another
+    layout no rank corresponds to this one, and parameter init does not depend on them anyway."""
+    handle = index._handle(index.files[source_rank])
+    if "rng/torch" in handle.keys():
+        torch.set_rng_state(handle.get_tensor("rng/torch"))
+    if "rng/cuda" in handle.keys() and torch.cuda.is_available():
+        torch.cuda.set_rng_state(handle.get_tensor("rng/cuda"))
 
 
 def _load_optimizer(optimizer: Any, params, states, step: float) -> None:
