@@ -56,9 +56,16 @@ def init_distributed(info: LaunchInfo, backend: str | None = None,
     if "MASTER_ADDR" not in os.environ:
         raise ConfigError("MASTER_ADDR is not set: launch with torchrun, or export MASTER_ADDR and "
                           "MASTER_PORT in the Slurm script")
-    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
+    dist.init_process_group(process_group_backend(backend), rank=info.rank, world_size=info.world_size,
                             timeout=datetime.timedelta(minutes=timeout_minutes))
     return backend
+
+
+def process_group_backend(backend: str) -> str:
+    """The torch.distributed backend string for ``backend``. NCCL handles CUDA tensors only, and the
+    training loop also reduces small CPU tensors (logged losses, stop flags, ZeRO norm parts), so
+    with NCCL every group also gets a gloo backend for CPU tensors."""
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
 
 
 @dataclass

@@ -44,3 +44,31 @@ def test_detect_launch_torchrun_and_slurm():
                        "SLURM_NTASKS_PER_NODE": "8(x2)"})
     assert (s.rank, s.world_size, s.local_rank, s.local_world_size, s.launcher) == (9, 16, 1, 8, "slurm")
     assert detect_launch({}).launcher == "single"
+
+
+def test_nccl_groups_also_carry_gloo_for_cpu_tensors():
+    from megamoe.parallel.mesh import process_group_backend
+
+    assert process_group_backend("nccl") == "cpu:gloo,cuda:nccl"
+    assert process_group_backend("gloo") == "gloo"
+
+
+def _device_mapped_backend(rank, world):
+    import torch
+    import torch.distributed as dist
+
+    from megamoe.parallel.mesh import ParallelMesh
+
+    # the harness joined with plain gloo; a device-mapped group must also serve CPU collectives
+    mesh = ParallelMesh(world_size=world, rank=rank, tp=2)
+    mesh.build_groups()
+    mapped = dist.new_group(list(range(world)), backend="cpu:gloo")
+    t = torch.tensor([float(rank + 1)], dtype=torch.float64)
+    dist.all_reduce(t, group=mapped)
+    return t.item()
+
+
+def test_device_mapped_backend_string_reduces_cpu_tensors():
+    from tests.harness import run_ranks
+
+    assert run_ranks(2, _device_mapped_backend) == [3.0, 3.0]
