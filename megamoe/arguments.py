@@ -143,6 +143,13 @@ def _add_logging_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
+                   help="activation recomputation: full = whole decoder layers (see --recompute-method), "
+                        "selective = the attention core only")
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform",
+                   help="full recompute: uniform = every group of --recompute-num-layers layers, "
+                        "block = only the first --recompute-num-layers layers of each stage chunk")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
     g.add_argument("--exit-interval", type=int, default=None,
                    help="save and exit 0 after every N-th iteration")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
@@ -240,6 +247,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, save=args.save,
         load=args.load, save_interval=args.save_interval, metrics_file=args.metrics_file,
         exit_interval=args.exit_interval, exit_duration_in_mins=args.exit_duration_in_mins,
+        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
         wandb_project=args.wandb_project, wandb_exp_name=args.wandb_exp_name,
         tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops)
     data = DataConfig(

@@ -160,6 +160,9 @@ class TrainConfig:
     save: str | None = None
     load: str | None = None
     save_interval: int | None = None
+    recompute_granularity: str | None = None  # "full": whole layers, "selective": attention core
+    recompute_method: str = "uniform"  # full: "uniform" groups of N layers, "block" first N layers
+    recompute_num_layers: int = 1
     exit_interval: int | None = None
     exit_duration_in_mins: float | None = None
     metrics_file: str | None = None
@@ -187,6 +190,12 @@ class TrainConfig:
                "--save-interval must be positive")
         _check(self.save_interval is None or self.save is not None,
                "--save-interval needs --save DIR")
+        _check(self.recompute_granularity in (None, "full", "selective"),
+               f"--recompute-granularity must be full or selective, got {self.recompute_granularity}")
+        _check(self.recompute_method in ("uniform", "block"),
+               f"--recompute-method must be uniform or block, got {self.recompute_method}")
+        _check(self.recompute_num_layers >= 1,
+               f"--recompute-num-layers must be >= 1, got {self.recompute_num_layers}")
         _check(self.zero_stage in (1, 2), f"--zero-stage must be 1 or 2, got {self.zero_stage}")
         _check(self.zero_stage == 1 or self.use_distributed_optimizer,
                "--zero-stage 2 needs --use-distributed-optimizer")
@@ -226,6 +235,11 @@ class Config:
         self.parallel.validate()
         self.train.validate()
         self.data.validate()
+        # The chunked exchange runs each chunk's backward as its own autograd call, and each would
+        # re-run the whole recomputed layer: (1 + K) forwards of every MoE layer per backward.
+        _check(self.train.recompute_granularity != "full" or self.parallel.moe_alltoall_chunks == 1,
+               "--recompute-granularity full does not combine with --moe-alltoall-chunks > 1 (every "
+               "chunk's backward would re-run the layer); use one of them, or selective recompute")
         validate_layout(self, world_size)
         return self
 

@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megamoe.model.init import tag
 from megamoe.parallel.tensor import (
@@ -98,6 +99,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def _core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax(q k^T) v with NO 1/sqrt(d) scaling: [b, n, s, d] each -> [b, n, s, d]."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with RoPE and NO 1/sqrt(d) score scaling (OpenMoE/T5 style).
 
@@ -106,9 +112,10 @@ class Attention(nn.Module):
     """
 
     def __init__(self, hidden: int, heads: int, kv_channels: int, std: float, out_std: float,
-                 rotary_base: float, tp: TPContext | None = None) -> None:
+                 rotary_base: float, tp: TPContext | None = None, recompute_core: bool = False) -> None:
         super().__init__()
         tp = tp or TPContext()
+        self.recompute_core = recompute_core  # --recompute-granularity selective
         if heads % tp.size:
             raise ValueError(f"{heads} attention heads are not divisible by TP {tp.size}")
         self.tp, self.local_heads, self.d, self.rotary_base = tp, heads // tp.size, kv_channels, rotary_base
@@ -136,7 +143,10 @@ class Attention(nn.Module):
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         cos, sin = self._tables(s, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)  # [b, n, s, d]
+        if self.recompute_core and self.training and torch.is_grad_enabled():
+            out = checkpoint(_core_attention, q, k, v, use_reentrant=False)
+        else:
+            out = _core_attention(q, k, v)  # [b, n, s, d]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, n * self.d))
 
 

@@ -9,8 +9,11 @@ initialisation and key checkpoints) are the same whichever pipeline stage holds 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megamoe.config import Config
 from megamoe.model.init import init_model_weights
@@ -34,7 +37,8 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.moe.is_moe_layer(layer)
         self.input_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
         self.self_attn = Attention(m.hidden_size, m.num_attention_heads, m.kv_channels, std,
-                                   out_std, m.rotary_base, tp)
+                                   out_std, m.rotary_base, tp,
+                                   recompute_core=cfg.train.recompute_granularity == "selective")
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
         if self.is_moe:
             self.mlp: nn.Module = MoELayer(layer, m.hidden_size, m.ffn_hidden_size, cfg.moe, std,
@@ -50,6 +54,12 @@ class DecoderLayer(nn.Module):
         if self.is_moe:
             x = x + self.extra_mlp(self.pre_extra_mlp_layernorm(x))
         return x
+
+
+def _run_layers(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x)
+    return x
 
 
 class OpenMoEModel(nn.Module):
@@ -87,8 +97,25 @@ class OpenMoEModel(nn.Module):
         init_model_weights(self, seed)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers.values():
-            x = layer(x)
+        """[b, s(/tp), h] through this chunk's layers; with --recompute-granularity full, segments
+        of layers keep only their input for backward and run their forward again there."""
+        layers = list(self.layers.values())
+        t = self.cfg.train
+        if t.recompute_granularity != "full" or not (self.training and torch.is_grad_enabled()):
+            return _run_layers(layers, x)
+        n = t.recompute_num_layers
+        if t.recompute_method == "uniform":  # every group of n consecutive layers
+            segments = [(layers[i:i + n], True) for i in range(0, len(layers), n)]
+        else:  # "block": the first n layers of this chunk, one by one; the rest keep activations
+            segments = [([layer], i < n) for i, layer in enumerate(layers)]
+        for seg, recompute in segments:
+            if recompute:
+                # non-reentrant: collectives inside (TP, SP, the EP all-to-all) simply run again, in
+                # the same order on every rank; MoE statistics are not counted a second time
+                x = checkpoint(partial(_run_layers, seg), x, use_reentrant=False,
+                               context_fn=self.moe_stats.recompute_contexts)
+            else:
+                x = _run_layers(seg, x)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ stage contributes its routers' losses to backward without plumbing, and a per-mo
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -53,13 +54,26 @@ class MoEStats:
     calls: int = 0
     tokens_per_expert: dict[int, torch.Tensor] = field(default_factory=dict)
     comm: CommCounters = field(default_factory=CommCounters)
+    recomputing: bool = False  # inside activation recomputation: the forward already counted
 
     def reset(self, grad_scale: float = 1.0) -> None:
         self.grad_scale, self.aux, self.z, self.calls = grad_scale, 0.0, 0.0, 0
         self.tokens_per_expert = {}
         self.comm = CommCounters()
+        self.recomputing = False
+
+    @property
+    def live_comm(self) -> CommCounters | None:
+        """Where to count all-to-all traffic: nowhere while recomputing (counters are per forward)."""
+        return None if self.recomputing else self.comm
+
+    def recompute_contexts(self) -> tuple[contextlib.AbstractContextManager, _Recomputing]:
+        """``context_fn`` for torch.utils.checkpoint: count nothing twice when a region re-runs."""
+        return contextlib.nullcontext(), _Recomputing(self)
 
     def record(self, layer: int, aux: torch.Tensor, z: torch.Tensor, counts: torch.Tensor) -> None:
+        if self.recomputing:
+            return
         self.aux += float(aux)
         self.z += float(z)
         self.calls += 1
@@ -71,6 +85,19 @@ class MoEStats:
         vals = [float(c.max()) / max(float(c.float().mean()), 1e-9)
                 for c in self.tokens_per_expert.values()]
         return max(vals) if vals else 0.0
+
+
+class _Recomputing:
+    """Marks ``stats`` as recomputing while entered (re-enterable: a region may re-run more than once)."""
+
+    def __init__(self, stats: MoEStats) -> None:
+        self.stats = stats
+
+    def __enter__(self) -> None:
+        self.stats.recomputing = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.stats.recomputing = False
 
 
 class _AttachRouterLoss(torch.autograd.Function):
@@ -171,8 +198,9 @@ class MoELayer(nn.Module):
         if self.topo.size == 1:
             return self.experts(rows, counts)
         plan, mine = self._plan(counts)
-        received = run_plan(rows, plan, False, self.stats.comm, self.topo)  # ordered by (src, slot)
-        return run_plan(self._local_experts(received, mine), plan, True, self.stats.comm, self.topo)
+        counters = self.stats.live_comm
+        received = run_plan(rows, plan, False, counters, self.topo)  # ordered by (src, slot)
+        return run_plan(self._local_experts(received, mine), plan, True, counters, self.topo)
 
     def _dispatch_and_combine(self, xt: torch.Tensor, routing: Routing) -> torch.Tensor:
         """xt [T, H] and its routing -> sum_k combine_k * expert_k(x) [T, H].
@@ -186,10 +214,11 @@ class MoELayer(nn.Module):
         if len(chunks) > 1 and self.topo.size > 1 and not self.topo.hierarchical:
             plans = [self._plan(perm.counts) for _, perm in permuted]
             steps = [plan[0] for plan, _ in plans]
-            for step in steps:  # dispatch and combine both send these rows' worth
-                self.stats.comm.add(step.in_splits, list(step.peers), self.topo.rank, self.topo.node_of,
+            counters = self.stats.live_comm
+            for step in steps if counters is not None else []:  # dispatch and combine: same rows
+                counters.add(step.in_splits, list(step.peers), self.topo.rank, self.topo.node_of,
                                     xt.shape[-1] * xt.element_size())
-                self.stats.comm.add(step.out_splits, list(step.peers), self.topo.rank, self.topo.node_of,
+                counters.add(step.out_splits, list(step.peers), self.topo.rank, self.topo.node_of,
                                     xt.shape[-1] * xt.element_size())
             ys = overlapped_exchange(lambda i, recv: self._local_experts(recv, plans[i][1]), steps,
                                      [rows for rows, _ in permuted])
