@@ -22,8 +22,10 @@ def single_big():
     [PP, "2", EP, "4", "--moe-hierarchical-alltoall", "--moe-ranks-per-node", "2", Z,
      "--overlap-grad-reduce"],
     [TP, "2", EP, "4", Z, "--zero-stage", "2", "--moe-alltoall-chunks", "2"],
+    [PP, "2", "--num-layers-per-virtual-pipeline-stage", "1", EP, "4", "--moe-hierarchical-alltoall",
+     "--moe-ranks-per-node", "2", "--recompute-granularity", "full", "--recompute-method", "block"],
 ], ids=["tp2-sp-pp2-interleaved-ep2-zero2-opg-chunks4", "pp2-ep4-hier-2x2-zero-overlap",
-        "tp2-dedup-ep4-zero2-chunks2"])
+        "tp2-dedup-ep4-zero2-chunks2", "pp2-interleaved-ep4-hier-2x2-recompute"])
 def test_everything_at_once_world8(single_big, extra):
     recs = train_losses(8, BIG + extra)
     assert len(recs) == len(single_big) == 10
