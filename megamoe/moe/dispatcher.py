@@ -99,7 +99,8 @@ def unpermute(y: torch.Tensor, perm: Permutation, num_tokens: int) -> torch.Tens
 @dataclass
 class CommCounters:
     """Bytes and messages this rank SENT in all-to-alls (dispatch + combine, forward only; backward
-    mirrors them), split by whether the peer is on this rank's node."""
+    mirrors them, and activation recomputation repeats the forward's without counting it again),
+    split by whether the peer is on this rank's node."""
 
     bytes_intra: int = 0
     bytes_inter: int = 0
