@@ -90,7 +90,8 @@ class DistributedOptimizer:
         self.overlap_param_gather = overlap_param_gather
         # stage 2 reductions in flight: (group, bucket, async work, reduced shard, transient buffer)
         self._in_flight: list[tuple[_Group, _Bucket, object, torch.Tensor, torch.Tensor]] = []
-        self.peak_grad_bytes = 0  # stage 2: high-water mark of shard + transient gradient buffers
+        self.peak_grad_bytes = 0  # high-water mark of gradient buffers (stage 2: shards + buckets)
+        self._live_grad_bytes = 0
         self._sp_tp_group = mesh.groups.get("tp") if mesh.sequence_parallel and mesh.tp > 1 else None
         self.overlap, self.reduce_dtype = overlap_grad_reduce, grad_reduce_dtype
         params = [p for p in model.parameters() if p.requires_grad]
@@ -102,6 +103,7 @@ class DistributedOptimizer:
             self._make_group("expert", experts, "edp", mesh.edp, mesh.coord("edp"), expert_divisor,
                              bucket_numel)) if g.params]
         self._build_masters()
+        self._count_grad_bytes(sum(_nbytes(g.grad) for g in self.groups))
         for g in self.groups:
             for b in g.buckets:
                 for p in b.params:
@@ -172,9 +174,9 @@ class DistributedOptimizer:
 
     # -- gradients --------------------------------------------------------------------------------
     def _make_hook(self, g: _Group, bucket: _Bucket, p: nn.Parameter):
-        start = g.offsets[id(p)]
         if self.stage == 2:
             return self._make_stage2_hook(g, bucket, p)
+        start = g.offsets[id(p)]
 
         def hook(param: torch.Tensor) -> None:
             g.grad[start:start + param.numel()].add_(param.grad.reshape(-1))
@@ -192,7 +194,7 @@ class DistributedOptimizer:
         def hook(param: torch.Tensor) -> None:
             if bucket.buf is None:
                 bucket.buf = torch.zeros(bucket.end - bucket.start, dtype=torch.float32, device=g.grad.device)
-                self._track_grad_bytes()
+                self._count_grad_bytes(_nbytes(bucket.buf))
             bucket.buf[start:start + param.numel()].add_(param.grad.reshape(-1))
             param.grad = None
             bucket.fired.add(id(param))
@@ -205,33 +207,30 @@ class DistributedOptimizer:
 
     def _reduce_stage2(self, g: _Group, b: _Bucket) -> None:
         """Start the reduce-scatter of ``b``'s transient buffer; keep at most two in flight."""
-        buf, b.buf, b.fired = b.buf, None, set()
-        if buf is None:
+        filled, b.buf, b.fired = b.buf, None, set()
+        if filled is None:
             return
-        if self.reduce_dtype != torch.float32:
-            buf = buf.to(self.reduce_dtype)
+        buf = self._in_reduce_dtype(filled)
+        self._count_grad_bytes(_nbytes(buf) - _nbytes(filled) if buf is not filled else 0)
         work, out = None, buf  # a group of one (e.g. expert-DP 1): the buffer is the shard
         if g.group is not None:
-            out = torch.empty((b.end - b.start) // g.size, dtype=buf.dtype, device=buf.device)
-            work = _reduce_scatter_single(out, buf, group=g.group, async_op=True)
+            out, work = self._start_reduce_scatter(g, b, buf, async_op=True)
+            self._count_grad_bytes(_nbytes(out))
         self._in_flight.append((g, b, work, out, buf))
-        self._track_grad_bytes()
         while len(self._in_flight) > 2:
             self._complete_oldest()
 
     def _complete_oldest(self) -> None:
-        g, b, work, out, _buf = self._in_flight.pop(0)  # dropping _buf frees the transient buffer
+        g, b, work, out, buf = self._in_flight.pop(0)  # dropping buf frees the transient buffer
         if work is not None:
             work.wait()
         g.grad[b.shard_offset:b.shard_offset + out.numel()].add_(out)
+        self._count_grad_bytes(-_nbytes(out) - (_nbytes(buf) if buf is not out else 0))
 
-    def _track_grad_bytes(self) -> None:
-        live = sum(g.grad.numel() * 4 + sum(b.buf.numel() * 4 for b in g.buckets if b.buf is not None)
-                   for g in self.groups)
-        for *_, out, buf in self._in_flight:
-            live += out.numel() * out.element_size()
-            live += buf.numel() * buf.element_size() if buf is not out else 0
-        self.peak_grad_bytes = max(self.peak_grad_bytes, live)
+    def _count_grad_bytes(self, delta: int) -> None:
+        """Live gradient bytes (persistent shards + transient buckets) and their high-water mark."""
+        self._live_grad_bytes += delta
+        self.peak_grad_bytes = max(self.peak_grad_bytes, self._live_grad_bytes)
 
     def _finish_stage2(self) -> None:
         for g in self.groups:  # buckets some parameter of which got no gradient this round
@@ -275,15 +274,23 @@ class DistributedOptimizer:
         if g.group is None:
             b.work = True
             return
-        view = g.grad[b.start:b.end]
-        buf = view if self.reduce_dtype == torch.float32 else view.to(self.reduce_dtype)
+        buf = self._in_reduce_dtype(g.grad[b.start:b.end])
         if self.shard_enabled:  # each rank keeps the summed 1/N of the bucket
-            b.out = torch.empty((b.end - b.start) // g.size, dtype=buf.dtype, device=buf.device)
-            work = _reduce_scatter_single(b.out, buf, group=g.group, async_op=async_op)
+            b.out, work = self._start_reduce_scatter(g, b, buf, async_op)
         else:
             b.out = buf
             work = dist.all_reduce(buf, group=g.group, async_op=async_op)
         b.work = work if async_op else True
+
+    def _in_reduce_dtype(self, grads: torch.Tensor) -> torch.Tensor:
+        return grads if grads.dtype == self.reduce_dtype else grads.to(self.reduce_dtype)
+
+    def _start_reduce_scatter(self, g: _Group, b: _Bucket, grads: torch.Tensor,
+                              async_op: bool) -> tuple[torch.Tensor, object]:
+        """Reduce-scatter bucket ``b``'s gradients [end - start] over g's group: (this rank's summed
+        shard [(end - start) / size], the work handle, None when synchronous)."""
+        shard = torch.empty((b.end - b.start) // g.size, dtype=grads.dtype, device=grads.device)
+        return shard, _reduce_scatter_single(shard, grads, group=g.group, async_op=async_op)
 
     def finish_grad_sync(self) -> None:
         """Wait for (or run) every bucket's reduction and scale the owned shards to the mean."""
@@ -443,6 +450,10 @@ class DistributedOptimizer:
                         "exp_avg": st["exp_avg"].reshape(-1)[a - start:b - start].clone(),
                         "exp_avg_sq": st["exp_avg_sq"].reshape(-1)[a - start:b - start].clone()}
 
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def optimizer_memory_estimate(dense_params: int, expert_params: int, tp: int, pp: int, ep: int, dp: int,
