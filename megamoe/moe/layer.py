@@ -215,11 +215,11 @@ class MoELayer(nn.Module):
             plans = [self._plan(perm.counts) for _, perm in permuted]
             steps = [plan[0] for plan, _ in plans]
             counters = self.stats.live_comm
-            for step in steps if counters is not None else []:  # dispatch and combine: same rows
-                counters.add(step.in_splits, list(step.peers), self.topo.rank, self.topo.node_of,
-                                    xt.shape[-1] * xt.element_size())
-                counters.add(step.out_splits, list(step.peers), self.topo.rank, self.topo.node_of,
-                                    xt.shape[-1] * xt.element_size())
+            if counters is not None:  # dispatch sends in_splits rows, combine sends out_splits back
+                row_bytes = xt.shape[-1] * xt.element_size()
+                for step in steps:
+                    for splits in (step.in_splits, step.out_splits):
+                        counters.add(splits, list(step.peers), self.topo.rank, self.topo.node_of, row_bytes)
             ys = overlapped_exchange(lambda i, recv: self._local_experts(recv, plans[i][1]), steps,
                                      [rows for rows, _ in permuted])
         else:
