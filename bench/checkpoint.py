@@ -14,10 +14,8 @@ import time
 
 from megamoe.arguments import parse_args
 from megamoe.parallel.mesh import ParallelMesh
-from megamoe.parallel.zero import DistributedOptimizer
 from megamoe.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from megamoe.training.loop import expert_grad_divisor
-from megamoe.training.run import build_stage_model
+from megamoe.training.run import build_distributed_optimizer, build_stage_model
 from tests.harness import TINY_ARGS, run_ranks
 
 SAVE_LAYOUT = ["--tensor-model-parallel-size", "2", "--sequence-parallel",
@@ -32,7 +30,7 @@ def _setup(rank: int, world: int, layout: list[str]):
     model = build_stage_model(cfg, mesh)
     model.init_weights(1)
     if cfg.train.use_distributed_optimizer:
-        opt = DistributedOptimizer(model, cfg.train, mesh, expert_grad_divisor(mesh, cfg))
+        opt = build_distributed_optimizer(model, cfg, mesh)
     else:
         import torch
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 from megamoe.arguments import parse_args
 from megamoe.model.openmoe import count_parameters
 from megamoe.parallel.mesh import ParallelMesh
-from megamoe.parallel.zero import DistributedOptimizer, optimizer_memory_estimate
-from megamoe.training.loop import expert_grad_divisor
-from megamoe.training.run import build_stage_model
+from megamoe.parallel.zero import optimizer_memory_estimate
+from megamoe.training.run import build_distributed_optimizer, build_stage_model
 from tests.harness import TINY_ARGS, run_ranks
 
 GIB = 2**30
@@ -46,9 +45,7 @@ def _measured(rank: int, world: int, layout: list[str]) -> dict[str, int]:
     mesh.build_groups()
     model = build_stage_model(cfg, mesh)
     if "--use-distributed-optimizer" in layout:
-        return DistributedOptimizer(model, cfg.train, mesh, expert_grad_divisor(mesh, cfg),
-                                    bucket_numel=cfg.train.ddp_bucket_size,
-                                    stage=cfg.train.zero_stage).memory_bytes()
+        return build_distributed_optimizer(model, cfg, mesh).memory_bytes()
     n = sum(p.numel() * 4 for p in model.parameters())
     return dict(params=n, grads=n, master=0, optimizer=2 * n)  # fp32 AdamW: exp_avg + exp_avg_sq
 

@@ -81,6 +81,16 @@ def build_stage_model(cfg: Config, mesh: ParallelMesh, placement: ExpertPlacemen
     return StageModel(chunks, placement)
 
 
+def build_distributed_optimizer(model: StageModel, cfg: Config, mesh: ParallelMesh) -> DistributedOptimizer:
+    """The heterogeneous ZeRO optimizer as the --use-distributed-optimizer family of flags asks."""
+    t = cfg.train
+    reduce_dtype = torch.bfloat16 if t.grad_reduce_in_bf16 else torch.float32
+    return DistributedOptimizer(
+        model, t, mesh, expert_grad_divisor(mesh, cfg), overlap_grad_reduce=t.overlap_grad_reduce,
+        bucket_numel=t.ddp_bucket_size, grad_reduce_dtype=reduce_dtype, stage=t.zero_stage,
+        overlap_param_gather=t.overlap_param_gather)
+
+
 def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None,
              placement: ExpertPlacement | None = None) -> list[dict[str, Any]]:
     """Train as configured inside an existing mesh; returns the per-iteration records."""
@@ -97,11 +107,7 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
     if cfg.train.bf16 and cfg.train.use_distributed_optimizer:
         model.to(torch.bfloat16)  # bf16 compute weights; fp32 masters live in the optimizer
     if cfg.train.use_distributed_optimizer:
-        optimizer = DistributedOptimizer(
-            model, cfg.train, mesh, expert_grad_divisor(mesh, cfg),
-            overlap_grad_reduce=cfg.train.overlap_grad_reduce, bucket_numel=cfg.train.ddp_bucket_size,
-            grad_reduce_dtype=torch.bfloat16 if cfg.train.grad_reduce_in_bf16 else torch.float32,
-            stage=cfg.train.zero_stage, overlap_param_gather=cfg.train.overlap_param_gather)
+        optimizer = build_distributed_optimizer(model, cfg, mesh)
         mem = optimizer.memory_bytes()
     else:
         optimizer = build_optimizer(model, cfg.train)

@@ -8,9 +8,8 @@ from megamoe.arguments import parse_args
 from megamoe.config import ConfigError
 from megamoe.model.openmoe import count_parameters
 from megamoe.parallel.mesh import ParallelMesh
-from megamoe.parallel.zero import DistributedOptimizer, optimizer_memory_estimate
-from megamoe.training.loop import expert_grad_divisor
-from megamoe.training.run import build_stage_model
+from megamoe.parallel.zero import optimizer_memory_estimate
+from megamoe.training.run import build_distributed_optimizer, build_stage_model
 from tests.harness import TINY_ARGS, run_ranks, train_losses
 
 Z, EP, TP, PP = ("--use-distributed-optimizer", "--expert-model-parallel-size",
@@ -59,7 +58,7 @@ def _optimizer_bytes(rank, world, extra):
     mesh.build_groups()
     model = build_stage_model(cfg, mesh)
     model.init_weights(1)
-    opt = DistributedOptimizer(model, cfg.train, mesh, expert_grad_divisor(mesh, cfg))
+    opt = build_distributed_optimizer(model, cfg, mesh)
     dense = sum(p.numel() for p in model.parameters() if not getattr(p, "_mm_expert", False))
     expert = sum(p.numel() for p in model.parameters() if getattr(p, "_mm_expert", False))
     return opt.memory_bytes()["master"] // 4, dense, expert, mesh.dp, mesh.edp
