@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from megamoe.model.init import tag
-from megamoe.model.layers import gated_mul
+from megamoe.ops import gated_mul
+from megamoe.params import expert
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -128,12 +128,10 @@ class GroupedExperts(nn.Module):
         super().__init__()
         n = len(expert_ids)
         self.grouped = grouped
-        self.wi_gate = tag(nn.Parameter(torch.empty(n, hidden, 2 * ffn)), std=std,
-                           expert_ids=expert_ids)
-        self.wi_up = tag(nn.Parameter(torch.empty(n, hidden, ffn)), std=std, expert_ids=expert_ids)
-        self.wo = tag(nn.Parameter(torch.empty(n, ffn, hidden)), std=out_std, expert_ids=expert_ids)
-        for p in (self.wi_gate, self.wi_up, self.wo):
-            p._mm_expert = True  # reduced over expert-DP, its norm summed over EP
+        # reduced over expert-DP, norms summed over EP; each slot drawn as its logical expert
+        self.wi_gate = expert(nn.Parameter(torch.empty(n, hidden, 2 * ffn)), std=std, expert_ids=expert_ids)
+        self.wi_up = expert(nn.Parameter(torch.empty(n, hidden, ffn)), std=std, expert_ids=expert_ids)
+        self.wo = expert(nn.Parameter(torch.empty(n, ffn, hidden)), std=out_std, expert_ids=expert_ids)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, H] sorted by local expert, counts: [E_local] -> [N, H]."""

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from megamoe.config import MoEConfig
-from megamoe.model.init import tag
 from megamoe.moe.dispatcher import (
     CommCounters,
     EPTopology,
@@ -35,7 +34,8 @@ from megamoe.parallel.comm import (
     gather_from_sequence,
     scatter_to_sequence,
 )
-from megamoe.parallel.tensor import TPContext, mark_sequence_replicated
+from megamoe.parallel.tensor import TPContext
+from megamoe.params import replicated
 
 
 @dataclass
@@ -150,8 +150,8 @@ class MoELayer(nn.Module):
         self.placement = placement or ExpertPlacement.contiguous(moe.num_experts, self.topo.size)
         # Router gate kept in fp32 (as trained): routing decisions are precision-sensitive. It is
         # replicated over TP; under SP each rank routes its own sequence shard.
-        self.gate_weight = mark_sequence_replicated(
-            tag(nn.Parameter(torch.empty(moe.num_experts, hidden)), std=moe.router_init_std))
+        self.gate_weight = replicated(nn.Parameter(torch.empty(moe.num_experts, hidden)),
+                                      std=moe.router_init_std, sp_partial=True)
         self.experts = GroupedExperts(hidden, ffn, self.placement.local_experts(self.topo.index), std,
                                       out_std, grouped=moe.grouped_gemm)
 

@@ -5,10 +5,8 @@ SP), runs its ColumnParallelLinear shards on the shared input, and leaves throug
 RowParallelLinear (all-reduce, or reduce-scatter back to sequence shards under SP). Entering once
 per block lets q/k/v (or gate/up) share one gather.
 
-Parameters that every TP rank holds in full but that see only a sequence shard under SP (norms, the
-router gate, unsplit experts) are marked with :func:`mark_sequence_replicated`; their gradients are
-summed over TP after backward. TP-split parameters are marked ``_mm_tp_sharded`` so the gradient norm
-counts replicated ones once.
+Parameter layouts are typed roles (:mod:`megamoe.params`): the split weights here are ``tp_split``;
+norms and the router gate, which every TP rank holds whole, are ``replicated`` with ``sp_partial``.
 """
 
 from __future__ import annotations
@@ -19,8 +17,8 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from megamoe.model.init import tag
 from megamoe.parallel import comm
+from megamoe.params import tp_split
 
 
 @dataclass(frozen=True)
@@ -51,11 +49,6 @@ class TPContext:
         return slice(self.rank * per, (self.rank + 1) * per)
 
 
-def mark_sequence_replicated(param: nn.Parameter) -> nn.Parameter:
-    param._mm_sp_replicated = True
-    return param
-
-
 def _block_rows(n: int, blocks: int, tp: TPContext) -> torch.Tensor:
     """Rows of an [n, ...] weight made of ``blocks`` equal blocks, this rank's 1/tp of each block
     (so a fused gate projection [x1; x2] keeps matching halves on every rank)."""
@@ -74,9 +67,8 @@ class ColumnParallelLinear(nn.Module):
         if out_f % (tp.size * blocks):
             raise ValueError(f"output size {out_f} is not divisible by TP {tp.size} x {blocks} blocks")
         rows = _block_rows(out_f, blocks, tp)
-        self.weight = tag(nn.Parameter(torch.empty(len(rows), in_f)), std=std, full_shape=(out_f, in_f),
-                          shard=(rows,) if tp.size > 1 else None)
-        self.weight._mm_tp_sharded = tp.size > 1
+        self.weight = tp_split(nn.Parameter(torch.empty(len(rows), in_f)), std=std, full_shape=(out_f, in_f),
+                               shard=(rows,) if tp.size > 1 else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.t()
@@ -91,9 +83,8 @@ class RowParallelLinear(nn.Module):
             raise ValueError(f"input size {in_f} is not divisible by TP {tp.size}")
         self.tp = tp
         cols = tp.shard_range(in_f)
-        self.weight = tag(nn.Parameter(torch.empty(out_f, cols.stop - cols.start)), std=std,
-                          full_shape=(out_f, in_f), shard=(slice(None), cols) if tp.size > 1 else None)
-        self.weight._mm_tp_sharded = tp.size > 1
+        self.weight = tp_split(nn.Parameter(torch.empty(out_f, cols.stop - cols.start)), std=std,
+                               full_shape=(out_f, in_f), shard=(slice(None), cols) if tp.size > 1 else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.exit(x @ self.weight.t())
@@ -108,9 +99,8 @@ class VocabParallelEmbedding(nn.Module):
         self.tp = tp
         rows = tp.shard_range(vocab)
         self.vocab_start, self.vocab_end = rows.start, rows.stop
-        self.weight = tag(nn.Parameter(torch.empty(rows.stop - rows.start, hidden)), std=std,
-                          full_shape=(vocab, hidden), shard=(rows,) if tp.size > 1 else None)
-        self.weight._mm_tp_sharded = tp.size > 1
+        self.weight = tp_split(nn.Parameter(torch.empty(rows.stop - rows.start, hidden)), std=std,
+                               full_shape=(vocab, hidden), shard=(rows,) if tp.size > 1 else None)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [b, s] -> [b, s(/tp), h]
         if self.tp.size == 1:

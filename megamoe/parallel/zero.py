@@ -31,6 +31,7 @@ from torch import nn
 from megamoe.config import TrainConfig
 from megamoe.parallel.comm import _all_gather_single, _reduce_scatter_single
 from megamoe.parallel.mesh import ParallelMesh
+from megamoe.params import is_expert, is_sp_partial, is_tp_split
 
 
 @dataclass
@@ -95,8 +96,8 @@ class DistributedOptimizer:
         self._sp_tp_group = mesh.groups.get("tp") if mesh.sequence_parallel and mesh.tp > 1 else None
         self.overlap, self.reduce_dtype = overlap_grad_reduce, grad_reduce_dtype
         params = [p for p in model.parameters() if p.requires_grad]
-        dense = [p for p in params if not getattr(p, "_mm_expert", False)]
-        experts = [p for p in params if getattr(p, "_mm_expert", False)]
+        dense = [p for p in params if not is_expert(p)]
+        experts = [p for p in params if is_expert(p)]
         self._expected = 1
         self.groups = [g for g in (
             self._make_group("dense", dense, "dp", mesh.dp, mesh.coord("dp"), float(mesh.dp), bucket_numel),
@@ -243,7 +244,7 @@ class DistributedOptimizer:
             # SP: TP-replicated params saw only a sequence shard. Summing over TP commutes with the
             # DP reduction, and TP peers own the same shard positions, so sum the reduced shards.
             for p, _, _, _, master in self.pieces:
-                if getattr(p, "_mm_sp_replicated", False):
+                if is_sp_partial(p):
                     dist.all_reduce(master.grad, group=self._sp_tp_group)
         for g in self.groups:
             g.grad.div_(g.divisor)
@@ -268,7 +269,7 @@ class DistributedOptimizer:
         if self._sp_tp_group is not None:
             # SP: TP-replicated params saw only a sequence shard; sum over TP before DP reduces
             for p in b.params:
-                if getattr(p, "_mm_sp_replicated", False):
+                if is_sp_partial(p):
                     start = g.offsets[id(p)]
                     dist.all_reduce(g.grad[start:start + p.numel()], group=self._sp_tp_group)
         if g.group is None:
@@ -316,7 +317,7 @@ class DistributedOptimizer:
             sq = torch.zeros((), dtype=torch.float64)
             for p, g, _, _, master in self.pieces:
                 kind = "expert" if g.name == "expert" else (
-                    "sharded" if getattr(p, "_mm_tp_sharded", False) else "replicated")
+                    "sharded" if is_tp_split(p) else "replicated")
                 if kind == want:
                     sq += master.grad.double().pow(2).sum().cpu()
             group = next((g for g in self.groups if g.name == ("expert" if want == "expert" else "dense")),

@@ -34,6 +34,7 @@ from megamoe.config import Config
 from megamoe.moe.dispatcher import ExpertPlacement
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.parallel.zero import DistributedOptimizer
+from megamoe.params import is_expert, is_tp_split, role
 
 KINDS = ("weight", "master", "exp_avg", "exp_avg_sq")
 FORMAT_VERSION = 1
@@ -75,15 +76,15 @@ def _runs(index: torch.Tensor) -> list[tuple[int, int, int]]:
 
 
 def param_pieces(name: str, p: torch.Tensor) -> list[Piece]:
-    """The logical boxes a local parameter holds, from its init tag (megamoe.model.init.tag)."""
-    spec = p._mm_init  # type: ignore[attr-defined]
-    if spec["expert_ids"] is not None:  # [E_local, ...]: slot -> logical expert
+    """The logical boxes a local parameter holds, from its role (megamoe.params)."""
+    spec = role(p)
+    if spec.expert_ids is not None:  # [E_local, ...]: slot -> logical expert
         head, _, leaf = name.rpartition(".")
         shape = tuple(p.shape[1:])
         return [Piece(f"{head}.{gid}.{leaf}", shape, (0,) * len(shape), shape, (slot,))
-                for slot, gid in enumerate(spec["expert_ids"])]
-    full = tuple(spec["full_shape"] or p.shape)
-    shard = spec["shard"]
+                for slot, gid in enumerate(spec.expert_ids)]
+    full = tuple(spec.init.full_shape or p.shape)
+    shard = spec.init.shard
     if shard is None:
         return [Piece(name, full, (0,) * len(full), full, ())]
     pieces: list[Piece] = []
@@ -101,9 +102,9 @@ def param_pieces(name: str, p: torch.Tensor) -> list[Piece]:
 def is_writer(p: torch.Tensor, mesh: ParallelMesh) -> bool:
     """One copy of every piece: dense params from DP rank 0 (and TP rank 0 when TP-replicated),
     expert params from expert-DP rank 0."""
-    if getattr(p, "_mm_expert", False):
+    if is_expert(p):
         return mesh.coord("edp") == 0
-    return mesh.coord("dp") == 0 and (getattr(p, "_mm_tp_sharded", False) or mesh.tp_rank == 0)
+    return mesh.coord("dp") == 0 and (is_tp_split(p) or mesh.tp_rank == 0)
 
 
 def optimizer_states(optimizer: Any, params: list[tuple[str, nn.Parameter]],

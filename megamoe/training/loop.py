@@ -35,6 +35,7 @@ from megamoe.parallel.schedules import (
     one_f_one_b,
 )
 from megamoe.parallel.zero import DistributedOptimizer
+from megamoe.params import is_expert, is_sp_partial, is_tp_split
 from megamoe.training.checkpoint import TrainState, save_checkpoint
 from megamoe.training.lr import learning_rate
 from megamoe.training.metrics import MetricsLogger, model_flops_per_token
@@ -105,10 +106,10 @@ class Trainer:
            was counted TP times, so divide by TP too.
         """
         mesh = self.mesh
-        dense = [p for p in self.model.parameters() if not getattr(p, "_mm_expert", False)]
-        experts = [p for p in self.model.parameters() if getattr(p, "_mm_expert", False)]
+        dense = [p for p in self.model.parameters() if not is_expert(p)]
+        experts = [p for p in self.model.parameters() if is_expert(p)]
         if mesh.sequence_parallel and mesh.tp > 1:
-            self._all_reduce_grads([p for p in dense if getattr(p, "_mm_sp_replicated", False)], "tp", 1)
+            self._all_reduce_grads([p for p in dense if is_sp_partial(p)], "tp", 1)
         if mesh.dp > 1:
             self._all_reduce_grads(dense, "dp", mesh.dp)
         divisor = expert_grad_divisor(mesh, self.cfg)
@@ -128,10 +129,10 @@ class Trainer:
         if isinstance(self.optimizer, DistributedOptimizer):
             sharded_sq, replicated_sq, expert_sq = self.optimizer.grad_norm_sq_parts()
         else:
-            experts = [p for p in params if getattr(p, "_mm_expert", False)]
-            dense = [p for p in params if not getattr(p, "_mm_expert", False)]
-            sharded_sq = local_grad_norm_sq([p for p in dense if getattr(p, "_mm_tp_sharded", False)])
-            replicated_sq = local_grad_norm_sq([p for p in dense if not getattr(p, "_mm_tp_sharded", False)])
+            experts = [p for p in params if is_expert(p)]
+            dense = [p for p in params if not is_expert(p)]
+            sharded_sq = local_grad_norm_sq([p for p in dense if is_tp_split(p)])
+            replicated_sq = local_grad_norm_sq([p for p in dense if not is_tp_split(p)])
             expert_sq = local_grad_norm_sq(experts)
         dense_sq = sharded_sq + (replicated_sq if mesh.tp_rank == 0 else 0.0)
         if mesh.tp > 1:

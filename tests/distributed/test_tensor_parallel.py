@@ -8,6 +8,7 @@ from megamoe.model.init import init_model_weights
 from megamoe.model.layers import Attention, GatedMLP
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.parallel.tensor import TPContext, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megamoe.params import role
 from tests.harness import run_ranks, train_losses
 
 H, HEADS, D, FFN, V = 16, 4, 8, 32, 64
@@ -20,7 +21,7 @@ def _tp(rank, world, sp):
 
 
 def _shard_of(param, full_grad):
-    shard = param._mm_init["shard"]
+    shard = role(param).init.shard
     return full_grad if shard is None else full_grad[shard]
 
 

@@ -9,6 +9,7 @@ from megamoe.config import ConfigError
 from megamoe.model.openmoe import count_parameters
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.parallel.zero import optimizer_memory_estimate
+from megamoe.params import is_expert
 from megamoe.training.run import build_distributed_optimizer, build_stage_model
 from tests.harness import TINY_ARGS, run_ranks, train_losses
 
@@ -59,8 +60,8 @@ def _optimizer_bytes(rank, world, extra):
     model = build_stage_model(cfg, mesh)
     model.init_weights(1)
     opt = build_distributed_optimizer(model, cfg, mesh)
-    dense = sum(p.numel() for p in model.parameters() if not getattr(p, "_mm_expert", False))
-    expert = sum(p.numel() for p in model.parameters() if getattr(p, "_mm_expert", False))
+    dense = sum(p.numel() for p in model.parameters() if not is_expert(p))
+    expert = sum(p.numel() for p in model.parameters() if is_expert(p))
     return opt.memory_bytes()["master"] // 4, dense, expert, mesh.dp, mesh.edp
 
 

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from megamoe.model.init import init_model_weights
-from megamoe.model.layers import GatedMLP, gated_act, gated_mul
+from megamoe.model.layers import GatedMLP
 from megamoe.moe.experts import GroupedExperts, grouped_mm, grouped_mm_supported
+from megamoe.ops import gated_act, gated_mul
 
 H, FFN, E = 16, 24, 4
 

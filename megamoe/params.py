@@ -1,0 +1,86 @@
+"""Typed parameter roles: how each parameter is laid out across ranks and how it is initialised.
+
+Every parameter megamoe creates carries one :class:`ParamRole` (``param.role``), set once where the
+parameter is made. The gradient buffer, the optimizer, the norm and the checkpoints read it through
+the predicates below instead of loose attributes (docs/ARCHITECTURE.md, "Parameter roles").
+
+    layout "tp_split"    a Megatron TP shard of a larger logical tensor (``init.full_shape``, ``shard``)
+    layout "replicated"  the same tensor on every TP rank; ``sp_partial``: under sequence parallelism
+                         it sees only this rank's sequence shard, so its gradient is summed over TP
+    layout "expert"      stacked expert weights [E_local, ...]; ``expert_ids`` are the logical ids of
+                         the local slots; gradients reduce over expert-DP, norms sum over EP
+
+This module imports nothing from megamoe: it is the bottom layer every package may use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Layout = Literal["tp_split", "replicated", "expert"]
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """How to draw a parameter: N(0, std) over the logical ``full_shape`` (None: the local shape),
+    of which this rank keeps ``shard`` (an index tuple; None: all of it); ``ones``: fill with 1."""
+
+    std: float | None = None
+    full_shape: tuple[int, ...] | None = None
+    shard: tuple | None = None
+    ones: bool = False
+
+
+@dataclass(frozen=True)
+class ParamRole:
+    layout: Layout
+    init: InitSpec
+    sp_partial: bool = False
+    expert_ids: tuple[int, ...] | None = None
+
+
+def set_role(param: nn.Parameter, role: ParamRole) -> nn.Parameter:
+    param.role = role  # type: ignore[attr-defined]
+    return param
+
+
+def tp_split(param: nn.Parameter, *, std: float, full_shape: tuple[int, ...], shard: tuple | None,
+             ) -> nn.Parameter:
+    """A TP shard (``shard`` None when TP is 1: then the parameter is the whole tensor)."""
+    layout: Layout = "tp_split" if shard is not None else "replicated"
+    return set_role(param, ParamRole(layout, InitSpec(std, full_shape, shard)))
+
+
+def replicated(param: nn.Parameter, *, std: float | None = None, ones: bool = False,
+               sp_partial: bool = False) -> nn.Parameter:
+    """Held whole by every TP rank; ``sp_partial``: its input is sequence-sharded under SP."""
+    return set_role(param, ParamRole("replicated", InitSpec(std, ones=ones), sp_partial=sp_partial))
+
+
+def expert(param: nn.Parameter, *, std: float, expert_ids: list[int]) -> nn.Parameter:
+    """Stacked weights [E_local, ...] of the logical experts ``expert_ids`` (slot order)."""
+    return set_role(param, ParamRole("expert", InitSpec(std), expert_ids=tuple(expert_ids)))
+
+
+def role(param: torch.Tensor) -> ParamRole:
+    found = getattr(param, "role", None)
+    if not isinstance(found, ParamRole):
+        raise RuntimeError(f"parameter of shape {tuple(param.shape)} has no role; create it with "
+                           "megamoe.params.tp_split / replicated / expert")
+    return found
+
+
+def is_expert(param: torch.Tensor) -> bool:
+    return role(param).layout == "expert"
+
+
+def is_tp_split(param: torch.Tensor) -> bool:
+    return role(param).layout == "tp_split"
+
+
+def is_sp_partial(param: torch.Tensor) -> bool:
+    return role(param).sp_partial
