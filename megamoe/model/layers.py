@@ -10,7 +10,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from megamoe.ops import gated_mul
 from megamoe.parallel.tensor import ColumnParallelLinear, RowParallelLinear, TPContext
@@ -48,9 +47,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def _core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal softmax(q k^T) v with NO 1/sqrt(d) scaling: [b, n, s, d] each -> [b, n, s, d]."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+class CoreAttention(nn.Module):
+    """Causal softmax(q k^T) v with NO 1/sqrt(d) scaling: [b, n, s, d] each -> [b, n, s, d].
+
+    A parameterless module of its own so that the training code can swap it for a subclass that runs
+    it differently (activation checkpointing) without touching Attention.
+    """
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
 
 
 class Attention(nn.Module):
@@ -61,10 +66,9 @@ class Attention(nn.Module):
     """
 
     def __init__(self, hidden: int, heads: int, kv_channels: int, std: float, out_std: float,
-                 rotary_base: float, tp: TPContext | None = None, recompute_core: bool = False) -> None:
+                 rotary_base: float, tp: TPContext | None = None) -> None:
         super().__init__()
         tp = tp or TPContext()
-        self.recompute_core = recompute_core  # --recompute-granularity selective
         if heads % tp.size:
             raise ValueError(f"{heads} attention heads are not divisible by TP {tp.size}")
         self.tp, self.local_heads, self.d, self.rotary_base = tp, heads // tp.size, kv_channels, rotary_base
@@ -73,6 +77,7 @@ class Attention(nn.Module):
         self.k_proj = ColumnParallelLinear(hidden, inner, tp, std)
         self.v_proj = ColumnParallelLinear(hidden, inner, tp, std)
         self.o_proj = RowParallelLinear(inner, hidden, tp, out_std)
+        self.core_attention = CoreAttention()
         self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def _tables(self, s: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,10 +97,7 @@ class Attention(nn.Module):
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         cos, sin = self._tables(s, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.recompute_core and self.training and torch.is_grad_enabled():
-            out = checkpoint(_core_attention, q, k, v, use_reentrant=False)
-        else:
-            out = _core_attention(q, k, v)  # [b, n, s, d]
+        out = self.core_attention(q, k, v)  # [b, n, s, d]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, n * self.d))
 
 

@@ -9,11 +9,8 @@ initialisation and key checkpoints) are the same whichever pipeline stage holds 
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from megamoe.config import Config
 from megamoe.model.init import init_model_weights
@@ -37,8 +34,7 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.moe.is_moe_layer(layer)
         self.input_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
         self.self_attn = Attention(m.hidden_size, m.num_attention_heads, m.kv_channels, std,
-                                   out_std, m.rotary_base, tp,
-                                   recompute_core=cfg.train.recompute_granularity == "selective")
+                                   out_std, m.rotary_base, tp)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
         if self.is_moe:
             self.mlp: nn.Module = MoELayer(layer, m.hidden_size, m.ffn_hidden_size, cfg.moe, std,
@@ -56,10 +52,17 @@ class DecoderLayer(nn.Module):
         return x
 
 
-def _run_layers(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    for layer in layers:
-        x = layer(x)
-    return x
+class LayerStack(nn.ModuleDict):
+    """A chunk's decoder layers keyed by global index, run in that order: [b, s(/tp), h] -> same.
+
+    A ModuleDict with a forward, so that the training code can swap it for a subclass that runs the
+    same layers differently (activation checkpointing) without renaming any parameter.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.values():
+            x = layer(x)
+        return x
 
 
 class OpenMoEModel(nn.Module):
@@ -86,8 +89,8 @@ class OpenMoEModel(nn.Module):
         if pre_process:
             self.embed_tokens = VocabParallelEmbedding(self.vocab_size, m.hidden_size, self.tp,
                                                        m.init_method_std)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, self.moe_stats, self.tp, moe_par, placement)
-                                     for i in self.layer_range})
+        self.layers = LayerStack({str(i): DecoderLayer(cfg, i, self.moe_stats, self.tp, moe_par, placement)
+                                  for i in self.layer_range})
         if post_process:
             self.norm = RMSNorm(m.hidden_size, m.norm_epsilon)
             # untied LM head, split by vocabulary rows: logits stay [b, s, V/tp]
@@ -97,26 +100,8 @@ class OpenMoEModel(nn.Module):
         init_model_weights(self, seed)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """[b, s(/tp), h] through this chunk's layers; with --recompute-granularity full, segments
-        of layers keep only their input for backward and run their forward again there."""
-        layers = list(self.layers.values())
-        t = self.cfg.train
-        if t.recompute_granularity != "full" or not (self.training and torch.is_grad_enabled()):
-            return _run_layers(layers, x)
-        n = t.recompute_num_layers
-        if t.recompute_method == "uniform":  # every group of n consecutive layers
-            segments = [(layers[i:i + n], True) for i in range(0, len(layers), n)]
-        else:  # "block": the first n layers of this chunk, one by one; the rest keep activations
-            segments = [([layer], i < n) for i, layer in enumerate(layers)]
-        for seg, recompute in segments:
-            if recompute:
-                # non-reentrant: collectives inside (TP, SP, the EP all-to-all) simply run again, in
-                # the same order on every rank; MoE statistics are not counted a second time
-                x = checkpoint(partial(_run_layers, seg), x, use_reentrant=False,
-                               context_fn=self.moe_stats.recompute_contexts)
-            else:
-                x = _run_layers(seg, x)
-        return x
+        """[b, s(/tp), h] through this chunk's layers."""
+        return self.layers(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[b, s(/tp), h] -> logits [b, s, V_padded / tp]."""

@@ -30,6 +30,7 @@ from megamoe.training.checkpoint import CheckpointError, load_checkpoint, saved_
 from megamoe.training.loop import Trainer, expert_grad_divisor
 from megamoe.training.metrics import MetricsLogger, measure_peak_tflops
 from megamoe.training.optim import build_optimizer
+from megamoe.training.recompute import apply_recompute
 
 
 def build_datasets(cfg: Config, mesh: ParallelMesh,
@@ -101,6 +102,7 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
     if placement is None and cfg.train.load:  # resume where the experts were (same EP size only)
         placement = saved_placement(cfg.train.load, mesh.ep)
     model = build_stage_model(cfg, mesh, placement)
+    apply_recompute(model, cfg.train)  # --recompute-*: wraps modules, keeps parameter names
     logger = MetricsLogger(cfg, enabled=mesh.rank == 0)
     model.init_weights(cfg.train.seed)
     model.to(device)

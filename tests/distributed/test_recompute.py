@@ -56,12 +56,13 @@ def _saved_bytes(rank, world, extra):
 
     from megamoe.parallel.mesh import ParallelMesh
     from megamoe.parallel.schedules import ActivationMeter
+    from megamoe.training.recompute import apply_recompute
     from megamoe.training.run import build_stage_model
 
     cfg = parse_args(TINY_ARGS + ["--seq-length", "128"] + extra)
     mesh = ParallelMesh.from_config(cfg.parallel, world, rank)
     mesh.build_groups()
-    model = build_stage_model(cfg, mesh).chunks[0]
+    model = apply_recompute(build_stage_model(cfg, mesh), cfg.train).chunks[0]
     model.init_weights(1)
     model.train()
     tokens = torch.randint(0, 1000, (2, 128))
@@ -89,3 +90,47 @@ def test_recompute_bad_input(argv, message):
     with pytest.raises(ConfigError) as err:
         parse_args(TINY_ARGS + argv).validate(2)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def _build(extra):
+    from megamoe.parallel.mesh import ParallelMesh
+    from megamoe.training.recompute import apply_recompute
+    from megamoe.training.run import build_stage_model
+
+    cfg = parse_args(TINY_ARGS + extra)
+    mesh = ParallelMesh.from_config(cfg.parallel, 1, 0)
+    mesh.build_groups()
+    model = apply_recompute(build_stage_model(cfg, mesh), cfg.train)
+    model.init_weights(1)
+    return model
+
+
+@pytest.mark.parametrize("extra", [
+    FULL + ["--recompute-num-layers", "2"],
+    FULL + ["--recompute-method", "block", "--recompute-num-layers", "1"],
+    ["--recompute-granularity", "selective"],
+], ids=["full-uniform2", "full-block1", "selective"])
+def test_recompute_keeps_names_and_runs_plain_outside_training(extra, monkeypatch):
+    import torch
+
+    from megamoe.training import recompute
+
+    plain, wrapped = _build([]), _build(extra)
+    # parameter names seed the initialisation and key checkpoints: wrapping must not rename any
+    assert [n for n, _ in wrapped.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    for a, b in zip(plain.parameters(), wrapped.parameters()):
+        assert torch.equal(a, b)
+    tokens = torch.randint(0, 1000, (2, 32))
+    calls = []
+    real = recompute.checkpoint
+    monkeypatch.setattr(recompute, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    wrapped.eval()
+    with torch.no_grad():
+        assert torch.equal(wrapped.chunks[0](tokens), plain.chunks[0](tokens))
+    wrapped.train()
+    with torch.no_grad():
+        wrapped.chunks[0](tokens)
+    assert not calls  # eval, or no grad: nothing is checkpointed
+    wrapped.chunks[0].loss(tokens, tokens).backward()
+    assert calls
