@@ -1,14 +1,17 @@
-"""Typed, frozen configuration for megamoe.
+"""Typed, frozen configuration for megamoe, declared once: every field is also a command-line flag.
 
-Each dataclass validates its own fields (``validate``) and the cross-field rules live in
-``validate_all``. Every error is a :class:`ConfigError` whose one-line message names the offending
-command-line flag and says how to fix it, so a bad launch fails before any collective starts.
+Each field's help text and argparse details live in its metadata (:func:`flag`);
+:mod:`megamoe.arguments` builds the parser from them. Each dataclass validates its own fields
+(``validate``); :meth:`Config.validate` adds the cross-field and layout rules. Every error is a
+:class:`ConfigError` whose one-line message names the offending flag and says how to fix it, so a bad
+launch fails before any collective starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -20,21 +23,29 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def flag(help: str, default: Any = dataclasses.MISSING, **argparse_kwargs: Any) -> Any:
+    """A field that is also a flag. Metadata: ``help``; ``flag`` where the name is not --field-name
+    (--no-field-name for a bool that defaults to True); ``negation``, an exclusive flag that sets a
+    bool back to False; any other argparse keyword (choices, nargs)."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Decoder shape. ``kv_channels`` may differ from hidden/heads (OpenMoE-8B: 24 x 128 vs 2048)."""
+    """Decoder shape; kv_channels may differ from hidden/heads (OpenMoE-8B: 24 x 128 vs 2048)."""
 
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    kv_channels: int
-    ffn_hidden_size: int
-    vocab_size: int
-    seq_length: int
-    make_vocab_size_divisible_by: int = 128
-    norm_epsilon: float = 1e-6
-    rotary_base: float = 10000.0
-    init_method_std: float = 0.02
+    # The shape has no defaults: it comes from --model-preset or from explicit flags.
+    num_layers: int = flag("decoder layers")
+    hidden_size: int = flag("model width H")
+    num_attention_heads: int = flag("attention heads")
+    kv_channels: int = flag("width of each attention head (default: hidden size / heads)")
+    ffn_hidden_size: int = flag("width I of every dense and expert MLP")
+    vocab_size: int = flag("tokenizer vocabulary, padded (see --make-vocab-size-divisible-by)")
+    seq_length: int = flag("tokens per sample")
+    make_vocab_size_divisible_by: int = flag("pad the vocabulary to a multiple of this x TP", 128)
+    norm_epsilon: float = flag("RMSNorm epsilon", 1e-6)
+    rotary_base: float = flag("rotary embedding base (theta)", 10000.0)
+    init_method_std: float = flag("standard deviation of the normal weight init", 0.02)
 
     def validate(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "kv_channels",
@@ -52,18 +63,24 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Router and expert settings. ``capacity_factor=None`` means dropless routing."""
+    """Router and expert settings; no capacity factor means dropless routing."""
 
-    num_experts: int
-    router_topk: int = 2
-    layer_freq: int = 1
-    capacity_factor: float | None = None
-    eval_capacity_factor: float | None = None
-    min_capacity: int = 4
-    aux_loss_coeff: float = 0.01
-    z_loss_coeff: float = 1e-4
-    router_init_std: float = 0.02
-    grouped_gemm: bool = True
+    num_experts: int = flag("experts per MoE layer")
+    router_topk: int = flag("experts per token", 2, flag="--moe-router-topk")
+    layer_freq: int = flag("every N-th layer is an MoE layer", 1, flag="--moe-layer-freq")
+    capacity_factor: float | None = flag(
+        "tokens per expert = round(cf * tokens / experts); absent = dropless", None,
+        flag="--moe-capacity-factor")
+    eval_capacity_factor: float | None = flag("capacity factor in evaluation (default: as in training)",
+                                              None, flag="--moe-eval-capacity-factor")
+    min_capacity: int = flag("fewest tokens an expert can take", 4, flag="--moe-min-capacity")
+    aux_loss_coeff: float = flag("load-balancing loss coefficient", 0.01, flag="--moe-aux-loss-coeff")
+    z_loss_coeff: float = flag("router z-loss coefficient (default: the preset's, 1e-4)", 1e-4,
+                               flag="--moe-z-loss-coeff")
+    router_init_std: float = flag("standard deviation of the router weight init", 0.02,
+                                  flag="--moe-router-init-std")
+    grouped_gemm: bool = flag("run experts as a loop of GEMMs over contiguous slices (reference path)",
+                              True, flag="--no-moe-grouped-gemm")
 
     def validate(self, num_layers: int) -> None:
         _check(self.num_experts > 0, f"--num-experts must be positive, got {self.num_experts}")
@@ -87,20 +104,29 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
-    expert_tensor_parallel_size: int = 1
-    sequence_parallel: bool = False
-    moe_hierarchical_alltoall: bool = False
-    moe_alltoall_chunks: int = 1
-    moe_tp_dedup: bool = True  # TP>1 without SP: each TP rank dispatches only its 1/TP of tokens
-    moe_ranks_per_node: int = 0  # 0: from the launcher (LOCAL_WORLD_SIZE) or MEGAMOE_RANKS_PER_NODE
-    num_layers_per_virtual_pipeline_stage: int | None = None
-    decoder_first_pipeline_num_layers: int | None = None
-    decoder_last_pipeline_num_layers: int | None = None
-    distributed_backend: str | None = None  # None: nccl with CUDA, gloo otherwise
-    distributed_timeout_minutes: float = 10.0
+    """Tensor, pipeline, expert and sequence parallelism, and the expert exchange."""
+
+    tensor_model_parallel_size: int = flag("tensor-parallel size TP", 1)
+    pipeline_model_parallel_size: int = flag("pipeline-parallel size PP", 1)
+    expert_model_parallel_size: int = flag("expert-parallel size EP", 1)
+    expert_tensor_parallel_size: int = flag("tensor-parallel size inside experts (only 1 so far)", 1)
+    sequence_parallel: bool = flag("split the sequence over TP outside attention and MLP", False)
+    moe_hierarchical_alltoall: bool = flag(
+        "intra-node exchange, then one inter-node all-to-all per local rank", False)
+    moe_alltoall_chunks: int = flag(
+        "split dispatched tokens into K chunks, overlapping all-to-all with experts", 1)
+    moe_tp_dedup: bool = flag(
+        "TP>1 without SP: send every TP rank's (identical) tokens instead of 1/TP each", True)
+    moe_ranks_per_node: int = flag(
+        "node size for hierarchical all-to-all (0: LOCAL_WORLD_SIZE or MEGAMOE_RANKS_PER_NODE)", 0)
+    num_layers_per_virtual_pipeline_stage: int | None = flag(
+        "interleaved 1F1B: layers per model chunk (virtual stage)", None)
+    decoder_first_pipeline_num_layers: int | None = flag(
+        "layers of the first pipeline stage (the others split the rest evenly)", None)
+    decoder_last_pipeline_num_layers: int | None = flag("layers of the last pipeline stage", None)
+    distributed_backend: str | None = flag("default: nccl with CUDA, gloo otherwise", None,
+                                           choices=("gloo", "nccl"))
+    distributed_timeout_minutes: float = flag("timeout of every collective", 10.0)
 
     def virtual_stages(self, num_layers: int) -> int:
         """Model chunks per pipeline rank (1 without interleaving)."""
@@ -133,43 +159,57 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
-    train_iters: int = 100
-    lr: float = 3e-4
-    min_lr: float = 0.0
-    lr_warmup_iters: int = 0
-    lr_decay_iters: int | None = None  # None: train_iters
-    lr_decay_style: str = "cosine"
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    seed: int = 1234
-    bf16: bool = False
-    use_distributed_optimizer: bool = False
-    overlap_grad_reduce: bool = False
-    grad_reduce_in_bf16: bool = False
-    zero_stage: int = 1  # 2: gradients too are kept only as this rank's shard (distributed optimizer)
-    ddp_bucket_size: int = 1 << 22  # gradient bucket size in elements (one reduce-scatter each)
-    overlap_param_gather: bool = False  # all-gather updated params async, wait per module in forward
-    log_interval: int = 10
-    eval_interval: int = 1000
-    eval_iters: int = 10
-    save: str | None = None
-    load: str | None = None
-    save_interval: int | None = None
-    recompute_granularity: str | None = None  # "full": whole layers, "selective": attention core
-    recompute_method: str = "uniform"  # full: "uniform" groups of N layers, "block" first N layers
-    recompute_num_layers: int = 1
-    exit_interval: int | None = None
-    exit_duration_in_mins: float | None = None
-    metrics_file: str | None = None
-    wandb_project: str | None = None
-    wandb_exp_name: str | None = None
-    tensorboard_dir: str | None = None
-    peak_tflops: float | None = None  # None: measured at start-up
+    """Batch, optimizer, precision, recomputation, logging and checkpoints."""
+
+    micro_batch_size: int = flag("samples per micro-batch on each data-parallel rank", 1)
+    global_batch_size: int = flag("samples per optimizer step", 8)
+    train_iters: int = flag("optimizer steps", 100)
+    lr: float = flag("peak learning rate", 3e-4)
+    min_lr: float = flag("learning rate at the end of the decay", 0.0)
+    lr_warmup_iters: int = flag("linear warm-up steps", 0)
+    lr_decay_iters: int | None = flag("steps to decay over (default: --train-iters)", None)
+    lr_decay_style: str = flag("constant, linear, cosine or inverse-square-root", "cosine")
+    weight_decay: float = flag("AdamW weight decay", 0.01)
+    adam_beta1: float = flag("AdamW beta1", 0.9)
+    adam_beta2: float = flag("AdamW beta2", 0.95)
+    adam_eps: float = flag("AdamW epsilon", 1e-8)
+    clip_grad: float = flag("clip the global gradient norm to this (0: no clipping)", 1.0)
+    seed: int = flag("random seed", 1234)
+    bf16: bool = flag("bf16 mixed precision (fp32 master weights)", False, negation="--fp32")
+    use_distributed_optimizer: bool = flag(
+        "ZeRO: shard fp32 masters and AdamW state over DP (dense) and expert-DP (experts)", False)
+    overlap_grad_reduce: bool = flag(
+        "start each gradient bucket's reduction as soon as it is complete", False)
+    grad_reduce_in_bf16: bool = flag("reduce gradients in bf16", False)
+    zero_stage: int = flag("with --use-distributed-optimizer: 1 shards optimizer state (default), 2 also "
+                           "gradients (reduce-scatter per bucket as backward produces it, every "
+                           "micro-batch)", 1)
+    ddp_bucket_size: int = flag(
+        "gradient bucket size in elements for the distributed optimizer's reductions", 1 << 22)
+    overlap_param_gather: bool = flag("all-gather updated parameters asynchronously; each module waits "
+                                      "for its own buckets just before its forward", False)
+    log_interval: int = flag("log every N iterations", 10)
+    eval_interval: int = flag("evaluate every N iterations", 1000)
+    eval_iters: int = flag("validation batches per evaluation", 10)
+    save: str | None = flag("checkpoint directory to save to", None)
+    load: str | None = flag("checkpoint directory to resume from", None)
+    save_interval: int | None = flag("save every N iterations (needs --save)", None)
+    recompute_granularity: str | None = flag(
+        "activation recomputation: full = whole decoder layers (see --recompute-method), selective = "
+        "the attention core only", None, choices=("full", "selective"))
+    recompute_method: str = flag(
+        "full recompute: uniform = every group of --recompute-num-layers layers, block = only the first "
+        "--recompute-num-layers layers of each stage chunk", "uniform", choices=("uniform", "block"))
+    recompute_num_layers: int = flag("layers per group for --recompute-method", 1)
+    exit_interval: int | None = flag("save and exit 0 after every N-th iteration", None)
+    exit_duration_in_mins: float | None = flag(
+        "save and exit 0 once the run has lasted this long (Slurm time limits)", None)
+    metrics_file: str | None = flag("one JSON object per iteration", None)
+    wandb_project: str | None = flag("Weights & Biases project (no logging there when absent)", None)
+    wandb_exp_name: str | None = flag("Weights & Biases run name", None)
+    tensorboard_dir: str | None = flag("TensorBoard log directory", None)
+    peak_tflops: float | None = flag("per-device peak for MFU; default: measured GEMM rate at start-up",
+                                     None)
 
     def validate(self) -> None:
         for name in ("micro_batch_size", "global_batch_size", "train_iters", "log_interval",
@@ -206,12 +246,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    mock_data: bool = False
-    data_path: tuple[str, ...] = ()
-    split: str = "969,30,1"
-    tokenizer_type: str = "SentencePieceTokenizer"
-    tokenizer_model: str | None = None
-    data_cache_path: str | None = None
+    """Training data and tokenizer."""
+
+    mock_data: bool = flag("synthetic random tokens instead of --data-path", False)
+    data_path: tuple[str, ...] = flag("PREFIX, or blend weights and prefixes: 0.7 PREFIX_A 0.3 PREFIX_B",
+                                      (), nargs="+")
+    split: str = flag("train,valid,test weights of the documents", "969,30,1")
+    tokenizer_type: str = flag("SentencePieceTokenizer or GPTSentencePieceTokenizer",
+                               "SentencePieceTokenizer")
+    tokenizer_model: str | None = flag("the tokenizer's .model file", None)
+    data_cache_path: str | None = flag("directory of the index caches (default: PREFIX's dir/cache)",
+                                       None)
 
     def validate(self) -> None:
         _check(self.mock_data or len(self.data_path) > 0,
@@ -222,14 +267,18 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole run; each section is one argument group on the command line."""
+
     model: ModelConfig
     moe: MoEConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(mock_data=True))
 
-    def validate(self, world_size: int = 1) -> Config:
-        """Check every field and every cross-field rule; return self for chaining."""
+    def validate(self, world_size: int | None = 1) -> Config:
+        """Check every field and every cross-field rule; return self for chaining.
+
+        world_size=None (parsing, before the launch is known) skips the layout rules."""
         self.model.validate()
         self.moe.validate(self.model.num_layers)
         self.parallel.validate()
@@ -240,7 +289,8 @@ class Config:
         _check(self.train.recompute_granularity != "full" or self.parallel.moe_alltoall_chunks == 1,
                "--recompute-granularity full does not combine with --moe-alltoall-chunks > 1 (every "
                "chunk's backward would re-run the layer); use one of them, or selective recompute")
-        validate_layout(self, world_size)
+        if world_size is not None:
+            validate_layout(self, world_size)
         return self
 
     def replace(self, **sections: object) -> Config:
@@ -275,11 +325,9 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     _check(not p.sequence_parallel or m.seq_length % tp == 0,
            f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size {tp}, "
            "which --sequence-parallel needs")
-    from megamoe.parallel.pipeline import stage_layer_ranges  # raises ConfigError on a bad split
-
     vp = p.virtual_stages(m.num_layers)
     stage_layer_ranges(m.num_layers, pp, vp, p.decoder_first_pipeline_num_layers,
-                       p.decoder_last_pipeline_num_layers)
+                       p.decoder_last_pipeline_num_layers)  # raises ConfigError on a bad split
     dp = world_size // (tp * pp)
     t = cfg.train
     _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
@@ -289,3 +337,41 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     _check(vp == 1 or (n_mb >= pp and n_mb % pp == 0),
            f"interleaved pipelining needs the micro-batches per step ({n_mb} = --global-batch-size / "
            f"(--micro-batch-size x DP)) to be a multiple of --pipeline-model-parallel-size {pp}")
+
+
+def stage_layer_ranges(num_layers: int, pp: int, vp: int = 1, first: int | None = None,
+                       last: int | None = None) -> list[range]:
+    """Layer range of every virtual stage (index v = chunk * pp + rank), contiguous and in order.
+
+    first/last: layers of the first/last stage (lighter stages for the embedding / LM head, as
+    Megatron's --decoder-first/last-pipeline-num-layers); the rest split evenly.
+    """
+    stages = pp * vp
+    counts: list[int]
+    if first is None and last is None:
+        if num_layers % stages:
+            raise ConfigError(f"--num-layers {num_layers} is not divisible into {stages} pipeline stages"
+                              + (f" ({pp} ranks x {vp} virtual)" if vp > 1 else "")
+                              + "; change the layer count or the pipeline sizes")
+        counts = [num_layers // stages] * stages
+    else:
+        if vp > 1:
+            raise ConfigError("--decoder-first/last-pipeline-num-layers cannot be combined with "
+                              "--num-layers-per-virtual-pipeline-stage")
+        head = [first] if first is not None else []
+        tail = [last] if last is not None else []
+        middle_stages = stages - len(head) - len(tail)
+        rest = num_layers - sum(head) - sum(tail)
+        if middle_stages < 0 or rest < 0 or (middle_stages == 0 and rest) or \
+                (middle_stages and rest % middle_stages):
+            raise ConfigError(f"--num-layers {num_layers} minus the first/last stage layers "
+                              f"({first}, {last}) does not split evenly over the other "
+                              f"{max(middle_stages, 0)} stages")
+        counts = head + [rest // middle_stages] * middle_stages + tail if middle_stages else head + tail
+    if any(c <= 0 for c in counts):
+        raise ConfigError(f"a pipeline stage would hold no layers ({counts}); use fewer stages")
+    ranges, start = [], 0
+    for c in counts:
+        ranges.append(range(start, start + c))
+        start += c
+    return ranges

@@ -1,5 +1,6 @@
-"""Pipeline parallelism: stage partition by layer ranges, p2p exchange of activations and gradients,
-and output deallocation (Megatron's ``deallocate_output_tensor``).
+"""Pipeline parallelism: p2p exchange of activations and gradients, and output deallocation
+(Megatron's ``deallocate_output_tensor``). The stage partition, ``stage_layer_ranges``, lives in
+:mod:`megamoe.config`, which validates it without importing this module.
 
 Virtual stages: with V model chunks per rank, virtual stage v = chunk * PP + rank holds the v-th
 layer range; activations flow 0 -> 1 -> ... -> V*PP-1, wrapping from the last rank to rank 0.
@@ -12,46 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.autograd.variable import Variable
-
-from megamoe.config import ConfigError
-
-
-def stage_layer_ranges(num_layers: int, pp: int, vp: int = 1, first: int | None = None,
-                       last: int | None = None) -> list[range]:
-    """Layer range of every virtual stage (index v = chunk * pp + rank), contiguous and in order.
-
-    first/last: layers of the first/last stage (lighter stages for the embedding / LM head, as
-    Megatron's --decoder-first/last-pipeline-num-layers); the rest split evenly.
-    """
-    stages = pp * vp
-    counts: list[int]
-    if first is None and last is None:
-        if num_layers % stages:
-            raise ConfigError(f"--num-layers {num_layers} is not divisible into {stages} pipeline stages"
-                              + (f" ({pp} ranks x {vp} virtual)" if vp > 1 else "")
-                              + "; change the layer count or the pipeline sizes")
-        counts = [num_layers // stages] * stages
-    else:
-        if vp > 1:
-            raise ConfigError("--decoder-first/last-pipeline-num-layers cannot be combined with "
-                              "--num-layers-per-virtual-pipeline-stage")
-        head = [first] if first is not None else []
-        tail = [last] if last is not None else []
-        middle_stages = stages - len(head) - len(tail)
-        rest = num_layers - sum(head) - sum(tail)
-        if middle_stages < 0 or rest < 0 or (middle_stages == 0 and rest) or \
-                (middle_stages and rest % middle_stages):
-            raise ConfigError(f"--num-layers {num_layers} minus the first/last stage layers "
-                              f"({first}, {last}) does not split evenly over the other "
-                              f"{max(middle_stages, 0)} stages")
-        counts = head + [rest // middle_stages] * middle_stages + tail if middle_stages else head + tail
-    if any(c <= 0 for c in counts):
-        raise ConfigError(f"a pipeline stage would hold no layers ({counts}); use fewer stages")
-    ranges, start = [], 0
-    for c in counts:
-        ranges.append(range(start, start + c))
-        start += c
-    return ranges
 
 
 @dataclass

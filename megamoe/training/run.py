@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.arguments import parse_args
-from megamoe.config import Config, ConfigError
+from megamoe.config import Config, ConfigError, stage_layer_ranges
 from megamoe.data.errors import DataError
 from megamoe.data.mock import MockGPTDataset
 from megamoe.data.sampler import SampleDataset
@@ -23,7 +23,7 @@ from megamoe.model.openmoe import OpenMoEModel, StageModel, count_parameters
 from megamoe.moe.dispatcher import EPTopology, ExpertPlacement
 from megamoe.moe.layer import MoEStats
 from megamoe.parallel.mesh import ParallelMesh, build_mesh, detect_launch, init_distributed
-from megamoe.parallel.pipeline import P2P, stage_layer_ranges
+from megamoe.parallel.pipeline import P2P
 from megamoe.parallel.tensor import TPContext
 from megamoe.parallel.zero import DistributedOptimizer
 from megamoe.training.checkpoint import CheckpointError, load_checkpoint, saved_placement

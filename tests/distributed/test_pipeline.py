@@ -4,8 +4,7 @@ combined with TP, SP, EP and DP, activation memory of 1F1B vs all-forward-all-ba
 import pytest
 
 from megamoe.arguments import parse_args
-from megamoe.config import ConfigError
-from megamoe.parallel.pipeline import stage_layer_ranges
+from megamoe.config import ConfigError, stage_layer_ranges
 from tests.harness import TINY_ARGS, run_ranks, train_losses
 
 PP, V = "--pipeline-model-parallel-size", "--num-layers-per-virtual-pipeline-stage"
