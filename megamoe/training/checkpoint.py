@@ -162,8 +162,6 @@ def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimiz
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     save_file(tensors, os.path.join(tmp, f"rank_{rank:05d}.safetensors"),
               metadata={"format": str(FORMAT_VERSION)})
-    if os.environ.get("MEGAMOE_TEST_CRASH_IN_SAVE") == f"{rank}:{state.iteration}":
-        os._exit(9)  # fault-injection hook for tests: this rank dies mid-save
     if rank == 0:
         meta = {"format": FORMAT_VERSION, "iteration": state.iteration,
                 "consumed_samples": state.consumed_samples, "adam_step": step, "world_size": world,

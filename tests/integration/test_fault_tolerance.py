@@ -25,14 +25,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(world: int, args: list[str], extra_env: dict | None = None) -> list[subprocess.Popen]:
-    """Start ``world`` ranks of pretrain_openmoe.py directly (torchrun-style environment)."""
+def _launch(world: int, args: list[str], entry: dict[int, list[str]] | None = None) -> list[subprocess.Popen]:
+    """Start ``world`` ranks of pretrain_openmoe.py directly (torchrun-style environment); ``entry``
+    replaces the script for some ranks (e.g. a fault-injecting wrapper)."""
     port = str(_free_port())
     procs = []
     for rank in range(world):
         env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                   RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), **(extra_env or {}))
-        procs.append(subprocess.Popen([sys.executable, "pretrain_openmoe.py", *TINY_ARGS, *args], cwd=ROOT,
+                   RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+        script = (entry or {}).get(rank, ["pretrain_openmoe.py"])
+        procs.append(subprocess.Popen([sys.executable, *script, *TINY_ARGS, *args], cwd=ROOT,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -77,7 +79,7 @@ def test_rank_killed_during_save_leaves_previous_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     procs = _launch(2, ["--train-iters", "6", "--save", str(ckpt), "--save-interval", "2",
                         "--distributed-timeout-minutes", "0.5"],
-                    extra_env={"MEGAMOE_TEST_CRASH_IN_SAVE": "1:4"})
+                    entry={1: ["-m", "tests.integration.crash_in_save", "4"]})  # rank 1 dies saving iter 4
     codes = [p.wait(timeout=120) for p in procs]
     assert codes[1] == 9 and codes[0] != 0
     assert (ckpt / "latest").read_text().strip() == "iter_0000002"
