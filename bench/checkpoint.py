@@ -14,8 +14,9 @@ import time
 
 from megamoe.arguments import parse_args
 from megamoe.parallel.mesh import ParallelMesh
+from megamoe.parallel.optimizer import build_optimizer
 from megamoe.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from megamoe.training.run import build_distributed_optimizer, build_stage_model
+from megamoe.training.run import build_stage_model
 from tests.harness import TINY_ARGS, run_ranks
 
 SAVE_LAYOUT = ["--tensor-model-parallel-size", "2", "--sequence-parallel",
@@ -29,13 +30,7 @@ def _setup(rank: int, world: int, layout: list[str]):
     mesh.build_groups()
     model = build_stage_model(cfg, mesh)
     model.init_weights(1)
-    if cfg.train.use_distributed_optimizer:
-        opt = build_distributed_optimizer(model, cfg, mesh)
-    else:
-        import torch
-
-        opt = torch.optim.AdamW(model.parameters())
-    return cfg, mesh, model, opt
+    return cfg, mesh, model, build_optimizer(model, cfg, mesh)
 
 
 def _save(rank: int, world: int, directory: str, reps: int) -> list[float]:

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/memory.py
 
-1. openmoe-8b on 64 GPUs (formula, megamoe.parallel.zero.optimizer_memory_estimate): bf16 weights,
+1. openmoe-8b on 64 GPUs (formula, megamoe.parallel.optimizer.optimizer_memory_estimate): bf16 weights,
    fp32 grad buffers, fp32 master + AdamW moments.
 2. openmoe-tiny on 8 CPU ranks (measured: bytes of the optimizer's master shards and moments).
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 from megamoe.arguments import parse_args
 from megamoe.model.openmoe import count_parameters
 from megamoe.parallel.mesh import ParallelMesh
-from megamoe.parallel.zero import optimizer_memory_estimate
-from megamoe.training.run import build_distributed_optimizer, build_stage_model
+from megamoe.parallel.optimizer import build_optimizer, optimizer_memory_estimate
+from megamoe.training.run import build_stage_model
 from tests.harness import TINY_ARGS, run_ranks
 
 GIB = 2**30
@@ -44,10 +44,7 @@ def _measured(rank: int, world: int, layout: list[str]) -> dict[str, int]:
     mesh = ParallelMesh.from_config(cfg.parallel, world, rank)
     mesh.build_groups()
     model = build_stage_model(cfg, mesh)
-    if "--use-distributed-optimizer" in layout:
-        return build_distributed_optimizer(model, cfg, mesh).memory_bytes()
-    n = sum(p.numel() * 4 for p in model.parameters())
-    return dict(params=n, grads=n, master=0, optimizer=2 * n)  # fp32 AdamW: exp_avg + exp_avg_sq
+    return build_optimizer(model, cfg, mesh).memory_bytes()
 
 
 def measured_tiny() -> None:

@@ -33,7 +33,7 @@ from torch import nn
 from megamoe.config import Config
 from megamoe.moe.dispatcher import ExpertPlacement
 from megamoe.parallel.mesh import ParallelMesh
-from megamoe.parallel.zero import DistributedOptimizer
+from megamoe.parallel.optimizer import DistributedOptimizer
 from megamoe.params import is_expert, is_tp_split, role
 
 KINDS = ("weight", "master", "exp_avg", "exp_avg_sq")
@@ -107,20 +107,6 @@ def is_writer(p: torch.Tensor, mesh: ParallelMesh) -> bool:
     return mesh.coord("dp") == 0 and (is_tp_split(p) or mesh.tp_rank == 0)
 
 
-def optimizer_states(optimizer: Any, params: list[tuple[str, nn.Parameter]],
-                     ) -> tuple[dict[int, dict[str, torch.Tensor]], float]:
-    """Per local parameter: fp32 master and AdamW moments shaped like it; and the AdamW step."""
-    if isinstance(optimizer, DistributedOptimizer):
-        return optimizer.full_param_states()
-    states, step = {}, 0.0
-    for _, p in params:
-        st = optimizer.state.get(p, {})
-        states[id(p)] = {k: st[k] for k in ("exp_avg", "exp_avg_sq") if k in st}
-        if "step" in st:
-            step = float(st["step"])
-    return states, step
-
-
 def _barrier(world_size: int) -> None:
     if world_size > 1:
         dist.barrier()
@@ -135,8 +121,8 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimizer: Any, cfg: Config,
-                    mesh: ParallelMesh) -> str:
+def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimizer: DistributedOptimizer,
+                    cfg: Config, mesh: ParallelMesh) -> str:
     """Write the checkpoint of ``state.iteration``; every rank calls it. Returns its directory."""
     rank, world = mesh.rank, mesh.world_size
     name = f"iter_{state.iteration:07d}"
@@ -145,10 +131,9 @@ def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimiz
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier(world)
-    if isinstance(optimizer, DistributedOptimizer):
-        optimizer.finish_param_sync()  # weights still being all-gathered (--overlap-param-gather)
+    optimizer.finish_param_sync()  # weights still being all-gathered (--overlap-param-gather)
     params = list(model.named_parameters())
-    opt_states, step = optimizer_states(optimizer, params)  # collective under ZeRO
+    opt_states, step = optimizer.full_param_states()  # a collective when sharded
     tensors: dict[str, torch.Tensor] = {}
     for pname, p in params:
         if not is_writer(p, mesh):
@@ -280,8 +265,8 @@ class _Index:
                                   f"{piece.size} (saved by a different model?)")
 
 
-def load_checkpoint(directory: str, model: nn.Module, optimizer: Any, mesh: ParallelMesh,
-                    cfg: Config | None = None) -> TrainState | None:
+def load_checkpoint(directory: str, model: nn.Module, optimizer: DistributedOptimizer | None,
+                    mesh: ParallelMesh, cfg: Config | None = None) -> TrainState | None:
     """Restore weights, optimizer state and RNG from ``directory`` (or its ``latest``) under this
     rank's layout, whatever layout saved it. None if there is no checkpoint yet."""
     path = resolve_checkpoint(directory)
@@ -291,7 +276,7 @@ def load_checkpoint(directory: str, model: nn.Module, optimizer: Any, mesh: Para
     if cfg is not None:
         _check_same_model(meta, cfg, path)
     index = _Index(path, int(meta["files"]))
-    if isinstance(optimizer, DistributedOptimizer):
+    if optimizer is not None:
         optimizer.finish_param_sync()  # a pending gather must not overwrite the loaded weights
     params = list(model.named_parameters())
     states: dict[int, dict[str, torch.Tensor]] = {}
@@ -311,7 +296,8 @@ def load_checkpoint(directory: str, model: nn.Module, optimizer: Any, mesh: Para
                     st[kind] = target
             st.setdefault("master", p.detach().float().cpu().clone())  # fp32 weights are the masters
             states[id(p)] = st
-    _load_optimizer(optimizer, params, states, float(meta.get("adam_step", 0.0)))
+    if optimizer is not None:
+        optimizer.load_full_param_states(states, float(meta.get("adam_step", 0.0)))
     _load_rng(index, mesh.rank if int(meta["world_size"]) == mesh.world_size else 0)
     return TrainState(iteration=int(meta["iteration"]), consumed_samples=int(meta["consumed_samples"]))
 
@@ -324,20 +310,6 @@ def _load_rng(index: _Index, source_rank: int) -> None:
         torch.set_rng_state(handle.get_tensor("rng/torch"))
     if "rng/cuda" in handle.keys() and torch.cuda.is_available():
         torch.cuda.set_rng_state(handle.get_tensor("rng/cuda"))
-
-
-def _load_optimizer(optimizer: Any, params, states, step: float) -> None:
-    if optimizer is None:
-        return
-    if isinstance(optimizer, DistributedOptimizer):
-        optimizer.load_full_param_states(states, step)
-        return
-    for _, p in params:
-        st = states[id(p)]
-        if "exp_avg" in st:
-            optimizer.state[p] = {"step": torch.tensor(step, dtype=torch.float32),
-                                  "exp_avg": st["exp_avg"].to(p.device),
-                                  "exp_avg_sq": st["exp_avg_sq"].to(p.device)}
 
 
 def _check_same_model(meta: dict[str, Any], cfg: Config, path: str) -> None:

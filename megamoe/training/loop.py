@@ -5,13 +5,13 @@ One step:
   Forward/backward  this DP rank's micro-batches under the schedule (no pipeline / 1F1B /
                     interleaved), loss / micro-batches (router losses ride along through
                     MoELayer's autograd hook with the same 1 / micro-batches scale)
-  Reduce            dense grads averaged over DP, expert grads over expert-DP
+  Reduce            the optimizer's gradient buffers finish their (bucketed, maybe overlapped)
+                    reductions: dense grads averaged over DP, expert grads over expert-DP
   Update            global grad norm -> skip if non-finite, clip, lr(iteration), optimizer step
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import time
@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from megamoe.config import Config
 from megamoe.data.sampler import SampleDataset, micro_batches
 from megamoe.model.openmoe import StageModel
 from megamoe.parallel.mesh import ParallelMesh
+from megamoe.parallel.optimizer import DistributedOptimizer
 from megamoe.parallel.pipeline import P2P
 from megamoe.parallel.schedules import (
     StepContext,
@@ -34,12 +34,9 @@ from megamoe.parallel.schedules import (
     no_pipeline,
     one_f_one_b,
 )
-from megamoe.parallel.zero import DistributedOptimizer
-from megamoe.params import is_expert, is_sp_partial, is_tp_split
 from megamoe.training.checkpoint import TrainState, save_checkpoint
 from megamoe.training.lr import learning_rate
 from megamoe.training.metrics import MetricsLogger, model_flops_per_token
-from megamoe.training.optim import clip_coefficient, clip_grads, local_grad_norm_sq
 
 
 @dataclass
@@ -47,7 +44,7 @@ class Trainer:
     cfg: Config
     mesh: ParallelMesh
     model: StageModel
-    optimizer: torch.optim.Optimizer | DistributedOptimizer
+    optimizer: DistributedOptimizer
     train_data: SampleDataset
     valid_data: SampleDataset | None
     logger: MetricsLogger
@@ -62,12 +59,6 @@ class Trainer:
         t = self.cfg.train
         return t.global_batch_size // (t.micro_batch_size * self.mesh.dp)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast only when the weights themselves are not bf16 (plain optimizer path)."""
-        if self.cfg.train.bf16 and not isinstance(self.optimizer, DistributedOptimizer):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _batches(self, dataset: SampleDataset, consumed: int):
         t = self.cfg.train
         for tokens, labels in micro_batches(dataset, consumed, t.global_batch_size,
@@ -81,68 +72,6 @@ class Trainer:
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, group=self.mesh.groups["dp"])
         return (t / self.mesh.dp).tolist()
-
-    def _all_reduce_grads(self, params: list[torch.Tensor], group_name: str, divisor: int) -> None:
-        """Sum the grads of ``params`` over a group in one flat buffer, then divide."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.mesh.groups[group_name])
-        if divisor != 1:
-            flat /= divisor
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-            g.copy_(synced)
-
-    def reduce_gradients(self) -> None:
-        """Count every parameter's gradient exactly once (DESIGN.md section 2).
-
-        1. Under SP, dense params replicated over TP that saw only a sequence shard (norms, router
-           gate) sum their partial grads over TP.
-        2. Dense params average over DP.
-        3. Expert params: every token reached exactly one copy of its expert somewhere in the
-           expert-DP group, so grads SUM over expert-DP and divide by DP (the loss is a mean over DP
-           replicas); when TP ranks dispatch identical tokens (TP > 1, no SP, no dedup), each token
-           was counted TP times, so divide by TP too.
-        """
-        mesh = self.mesh
-        dense = [p for p in self.model.parameters() if not is_expert(p)]
-        experts = [p for p in self.model.parameters() if is_expert(p)]
-        if mesh.sequence_parallel and mesh.tp > 1:
-            self._all_reduce_grads([p for p in dense if is_sp_partial(p)], "tp", 1)
-        if mesh.dp > 1:
-            self._all_reduce_grads(dense, "dp", mesh.dp)
-        divisor = expert_grad_divisor(mesh, self.cfg)
-        if mesh.edp > 1:
-            self._all_reduce_grads(experts, "edp", divisor)
-        elif divisor > 1:
-            for p in experts:
-                if p.grad is not None:
-                    p.grad.div_(divisor)
-
-    def grad_norm(self, params: list[torch.Tensor]) -> float:
-        """Global L2 norm counting each logical gradient once: TP-split dense params summed over TP,
-        TP-replicated dense params taken from TP rank 0, expert params summed over EP (each EP rank
-        holds different experts; expert-DP replicas are identical after the reduction), all summed
-        over pipeline stages. With ZeRO the parts come from the reduced shards."""
-        mesh = self.mesh
-        if isinstance(self.optimizer, DistributedOptimizer):
-            sharded_sq, replicated_sq, expert_sq = self.optimizer.grad_norm_sq_parts()
-        else:
-            experts = [p for p in params if is_expert(p)]
-            dense = [p for p in params if not is_expert(p)]
-            sharded_sq = local_grad_norm_sq([p for p in dense if is_tp_split(p)])
-            replicated_sq = local_grad_norm_sq([p for p in dense if not is_tp_split(p)])
-            expert_sq = local_grad_norm_sq(experts)
-        dense_sq = sharded_sq + (replicated_sq if mesh.tp_rank == 0 else 0.0)
-        if mesh.tp > 1:
-            dist.all_reduce(dense_sq, group=mesh.groups["tp"])
-        if mesh.ep > 1:
-            dist.all_reduce(expert_sq, group=mesh.groups["ep"])
-        total = (dense_sq + expert_sq).double()
-        if mesh.pp > 1:  # every stage holds different layers
-            dist.all_reduce(total, group=mesh.groups["pp"])
-        return float(total.sqrt())
 
     def _step_context(self, dataset: SampleDataset, consumed: int, loss_scale: float) -> StepContext:
         return StepContext(chunks=list(self.model.chunks), batches=list(self._batches(dataset, consumed)),
@@ -186,30 +115,17 @@ class Trainer:
             self.p2p.busy_wait_s = 0.0
         # Forward/backward of this rank's micro-batches under the pipeline schedule.
         ctx = self._step_context(self.train_data, self.state.consumed_samples, 1.0 / n_mb)
-        zero = self.optimizer if isinstance(self.optimizer, DistributedOptimizer) else None
-        if zero is not None:
-            zero.start_step(n_mb)
+        self.optimizer.start_step(n_mb)
         t_sched = time.perf_counter()
-        with self._autocast():
-            self._schedule()(ctx)
+        self._schedule()(ctx)
         t_sched = time.perf_counter() - t_sched
         # Reduce, then update.
-        if zero is not None:
-            zero.finish_grad_sync()
-        else:
-            self.reduce_gradients()
-        params = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = self.grad_norm(params)
+        self.optimizer.finish_grad_sync()
+        grad_norm = self.optimizer.grad_norm()
         lr = learning_rate(cfg.train, iteration)
         skipped = not math.isfinite(grad_norm)
-        if not skipped and zero is not None:
-            zero.clip(clip_coefficient(grad_norm, cfg.train.clip_grad))
-            zero.step(lr)
-        elif not skipped:
-            clip_grads(params, torch.tensor(grad_norm), cfg.train.clip_grad)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
+        if not skipped:
+            self.optimizer.step(lr, grad_norm)
         self.optimizer.zero_grad()
         self.state = TrainState(iteration, self.state.consumed_samples + cfg.train.global_batch_size)
         lm, aux, z, imbalance = self._global_losses(sum(ctx.losses), n_mb)
@@ -236,8 +152,7 @@ class Trainer:
         gbs, n_mb, total = self.cfg.train.global_batch_size, self.num_micro_batches, 0.0
         for i in range(self.cfg.train.eval_iters):
             ctx = self._step_context(self.valid_data, i * gbs, 1.0)
-            with self._autocast():
-                forward_only(ctx)
+            forward_only(ctx)
             total += sum(ctx.losses)
         self.model.train()
         total = self._sum_over("pp", [total], self.mesh.pp)[0]
@@ -310,26 +225,7 @@ class Trainer:
                     break
             if t.save and saved_at != self.state.iteration:
                 self.save()
-            if isinstance(self.optimizer, DistributedOptimizer):
-                self.optimizer.finish_param_sync()  # the returned model holds the final weights
+            self.optimizer.finish_param_sync()  # the returned model holds the final weights
         finally:
             self._restore_signal_handlers()
         return self.history
-
-
-def expert_grad_divisor(mesh: ParallelMesh, cfg: Config) -> int:
-    """Expert grads are SUMMED over expert-DP (every token reached one expert copy) and divided by
-    this: DP (the loss is a mean over DP replicas), times TP when TP ranks dispatched identical
-    tokens (TP > 1 without SP and without the TP-deduplicated exchange)."""
-    duplicated = mesh.tp > 1 and not mesh.sequence_parallel and not cfg.parallel.moe_tp_dedup
-    return mesh.dp * (mesh.tp if duplicated else 1)
-
-
-def sync_params_check(model: nn.Module, mesh: ParallelMesh) -> None:
-    """Debug aid: assert parameters are identical across the DP group."""
-    if mesh.dp == 1:
-        return
-    flat = torch._utils._flatten_dense_tensors([p.detach() for p in model.parameters()])
-    ref = flat.clone()
-    dist.broadcast(ref, src=mesh.members["dp"][0], group=mesh.groups["dp"])
-    assert torch.equal(ref, flat), "parameters diverged across data-parallel ranks"

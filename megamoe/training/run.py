@@ -23,13 +23,12 @@ from megamoe.model.openmoe import OpenMoEModel, StageModel, count_parameters
 from megamoe.moe.dispatcher import EPTopology, ExpertPlacement
 from megamoe.moe.layer import MoEStats
 from megamoe.parallel.mesh import ParallelMesh, build_mesh, detect_launch, init_distributed
+from megamoe.parallel.optimizer import build_optimizer
 from megamoe.parallel.pipeline import P2P
 from megamoe.parallel.tensor import TPContext
-from megamoe.parallel.zero import DistributedOptimizer
 from megamoe.training.checkpoint import CheckpointError, load_checkpoint, saved_placement
-from megamoe.training.loop import Trainer, expert_grad_divisor
+from megamoe.training.loop import Trainer
 from megamoe.training.metrics import MetricsLogger, measure_peak_tflops
-from megamoe.training.optim import build_optimizer
 from megamoe.training.recompute import apply_recompute
 
 
@@ -82,16 +81,6 @@ def build_stage_model(cfg: Config, mesh: ParallelMesh, placement: ExpertPlacemen
     return StageModel(chunks, placement)
 
 
-def build_distributed_optimizer(model: StageModel, cfg: Config, mesh: ParallelMesh) -> DistributedOptimizer:
-    """The heterogeneous ZeRO optimizer as the --use-distributed-optimizer family of flags asks."""
-    t = cfg.train
-    reduce_dtype = torch.bfloat16 if t.grad_reduce_in_bf16 else torch.float32
-    return DistributedOptimizer(
-        model, t, mesh, expert_grad_divisor(mesh, cfg), overlap_grad_reduce=t.overlap_grad_reduce,
-        bucket_numel=t.ddp_bucket_size, grad_reduce_dtype=reduce_dtype, stage=t.zero_stage,
-        overlap_param_gather=t.overlap_param_gather)
-
-
 def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None,
              placement: ExpertPlacement | None = None) -> list[dict[str, Any]]:
     """Train as configured inside an existing mesh; returns the per-iteration records."""
@@ -106,15 +95,10 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
     logger = MetricsLogger(cfg, enabled=mesh.rank == 0)
     model.init_weights(cfg.train.seed)
     model.to(device)
-    if cfg.train.bf16 and cfg.train.use_distributed_optimizer:
+    if cfg.train.bf16:
         model.to(torch.bfloat16)  # bf16 compute weights; fp32 masters live in the optimizer
-    if cfg.train.use_distributed_optimizer:
-        optimizer = build_distributed_optimizer(model, cfg, mesh)
-        mem = optimizer.memory_bytes()
-    else:
-        optimizer = build_optimizer(model, cfg.train)
-        n = sum(p.numel() * p.element_size() for p in model.parameters())
-        mem = dict(params=n, grads=n, master=0, optimizer=2 * n)
+    optimizer = build_optimizer(model, cfg, mesh)
+    mem = optimizer.memory_bytes()
     logger.info(" > memory per rank (MiB): " + ", ".join(f"{k} {v / 2**20:.2f}" for k, v in mem.items()))
     counts = count_parameters(cfg)
     logger.info(f" > {mesh.describe()}")

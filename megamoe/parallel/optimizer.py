@@ -1,0 +1,343 @@
+"""One optimizer for every run: fp32 masters and AdamW over what this rank owns of each gradient buffer.
+
+Heterogeneous ZeRO (EZ-MoE style) when ``--use-distributed-optimizer`` is on: dense parameters are
+sharded over the data-parallel group, expert parameters over the (smaller) expert-data-parallel group,
+so expert optimizer state and parameter syncs never leave their group. Without it nothing is sharded:
+every replica owns all of its parameters, and the same code runs with groups of one owner.
+
+Per group (see :mod:`megamoe.parallel.grad_buffer` for the gradients):
+  master   fp32, cut per parameter so weight decay follows Megatron's groups (none on 1-D weights); a
+           view of the parameter itself when the parameter is fp32 (no second copy), a copy when it is
+           bf16 (Megatron's mixed-precision optimizer); AdamW state exists for the owned part only
+  step     global grad norm -> clip -> AdamW on the masters -> write back into the parameters and,
+           when sharded, all-gather every bucket (async with ``--overlap-param-gather``: each module
+           waits for its buckets just before its forward)
+
+The trainer calls three things per step: :meth:`finish_grad_sync`, :meth:`grad_norm`, :meth:`step`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megamoe.config import Config, TrainConfig
+from megamoe.parallel.comm import _all_gather_single
+from megamoe.parallel.grad_buffer import Bucket, GradBuffer, GradMemory, GroupLayout, ShardedGradBuffer
+from megamoe.parallel.mesh import ParallelMesh
+from megamoe.params import is_expert, is_tp_split
+
+
+@dataclass
+class MasterPiece:
+    """The owned flat positions [lo, hi) of ``param`` (in its group's numbering) and their master."""
+
+    param: nn.Parameter
+    buffer: GradBuffer
+    bucket: Bucket
+    lo: int
+    hi: int
+    master: torch.Tensor  # fp32 [hi - lo]; .grad is the buffer's reduced view of the same positions
+
+    @property
+    def is_view(self) -> bool:
+        """The master IS the parameter's storage (fp32 parameters): nothing to write back."""
+        return self.param.dtype == torch.float32
+
+    def param_range(self) -> slice:
+        start = self.buffer.layout.offsets[id(self.param)]
+        return slice(self.lo - start, self.hi - start)
+
+
+@dataclass
+class _Gather:
+    """A bucket's parameter all-gather in flight (the shard stays alive until it is done)."""
+
+    work: object | None
+    full: torch.Tensor
+    shard: torch.Tensor
+
+
+class DistributedOptimizer:
+    """AdamW over fp32 masters of the owned parts of the gradient buffers; see the module docstring."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, mesh: ParallelMesh, expert_divisor: float,
+                 shard: bool = True, overlap_grad_reduce: bool = False, bucket_numel: int = 1 << 22,
+                 grad_reduce_dtype: torch.dtype = torch.float32, stage: int = 1,
+                 overlap_param_gather: bool = False) -> None:
+        if stage == 2 and not shard:
+            raise ValueError("ZeRO stage 2 needs sharding (--use-distributed-optimizer)")
+        self.cfg, self.mesh = cfg, mesh
+        self.overlap_param_gather = overlap_param_gather and shard
+        params = [p for p in model.parameters() if p.requires_grad]
+        sp_group = mesh.groups.get("tp") if mesh.sequence_parallel and mesh.tp > 1 else None
+        buffer_class = ShardedGradBuffer if stage == 2 else GradBuffer
+        self.buffers: list[GradBuffer] = []
+        self.grad_memory = GradMemory()
+        for name, members, group_name, replicas, divisor in (
+                ("dense", [p for p in params if not is_expert(p)], "dp", mesh.dp, float(mesh.dp)),
+                ("expert", [p for p in params if is_expert(p)], "edp", mesh.edp, expert_divisor)):
+            if not members:
+                continue
+            layout = GroupLayout.build(
+                name, members, mesh.groups.get(group_name) if replicas > 1 else None,
+                size=replicas if shard else 1, rank=mesh.coord(group_name) if shard else 0,
+                bucket_numel=bucket_numel)
+            self.buffers.append(buffer_class(layout, divisor, sp_group if name == "dense" else None,
+                                             overlap_grad_reduce, grad_reduce_dtype, self.grad_memory))
+        self._gathers: dict[int, _Gather] = {}  # id(bucket) -> gather in flight
+        self._build_masters()
+        if self.overlap_param_gather:
+            self._install_gather_hooks(model)
+
+    def _build_masters(self) -> None:
+        self.pieces: list[MasterPiece] = []
+        decay, no_decay = [], []
+        for buffer in self.buffers:
+            layout = buffer.layout
+            for bucket in layout.buckets:
+                lo, hi = layout.owned(bucket)
+                for p in bucket.params:
+                    start = layout.offsets[id(p)]
+                    first, last = max(lo, start), min(hi, start + p.numel())
+                    if first >= last:
+                        continue
+                    flat = p.detach().reshape(-1)[first - start:last - start]  # a view of p
+                    master = flat if p.dtype == torch.float32 else flat.float().clone()
+                    master.grad = buffer.view(bucket, first, last)
+                    self.pieces.append(MasterPiece(p, buffer, bucket, first, last, master))
+                    (no_decay if p.ndim == 1 else decay).append(master)
+        on_gpu = any(piece.master.is_cuda for piece in self.pieces)
+        self.inner = torch.optim.AdamW(
+            [dict(params=decay, weight_decay=self.cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+            lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), eps=self.cfg.adam_eps,
+            fused=True if on_gpu else None)
+
+    # -- gradients --------------------------------------------------------------------------------
+    def start_step(self, micro_batches: int) -> None:
+        """Before the step's backwards: each parameter will deliver this many gradients."""
+        for buffer in self.buffers:
+            buffer.start_step(micro_batches)
+
+    def finish_grad_sync(self) -> None:
+        """Wait for (or run) every reduction; the masters' .grad then hold the mean gradients."""
+        for buffer in self.buffers:
+            buffer.finish()
+
+    def zero_grad(self) -> None:
+        for buffer in self.buffers:
+            buffer.zero()
+
+    def grad_norm(self) -> float:
+        """Global L2 norm counting each logical gradient once: TP-split dense gradients summed over
+        TP, TP-replicated ones taken from TP rank 0, expert ones summed over EP (each EP rank holds
+        other experts), all summed over pipeline stages; owned parts summed over their sharding group."""
+        mesh = self.mesh
+        kinds = {"tp_split": [], "replicated": [], "expert": []}
+        for piece in self.pieces:
+            param = piece.param
+            kind = "expert" if is_expert(param) else "tp_split" if is_tp_split(param) else "replicated"
+            kinds[kind].append(piece.master.grad)
+        squares = {kind: _sum_of_squares(grads) for kind, grads in kinds.items()}
+        for buffer in self.buffers:  # owned parts -> the whole group
+            if buffer.sharded and buffer.layout.group is not None:
+                names = ("expert",) if buffer.layout.name == "expert" else ("tp_split", "replicated")
+                both = torch.stack([squares[name] for name in names])
+                dist.all_reduce(both, group=buffer.layout.group)
+                squares.update(zip(names, both.unbind()))
+        dense = squares["tp_split"] + (squares["replicated"] if mesh.tp_rank == 0 else 0.0)
+        if mesh.tp > 1:
+            dist.all_reduce(dense, group=mesh.groups["tp"])
+        expert = squares["expert"]
+        if mesh.ep > 1:
+            dist.all_reduce(expert, group=mesh.groups["ep"])
+        total = dense + expert
+        if mesh.pp > 1:  # every stage holds different layers
+            dist.all_reduce(total, group=mesh.groups["pp"])
+        return float(total.sqrt())
+
+    # -- update -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, lr: float, grad_norm: float) -> None:
+        """Clip to --clip-grad by ``grad_norm``, AdamW on the masters, then write the parameters back
+        (and all-gather their buckets when sharded)."""
+        coefficient = clip_coefficient(grad_norm, self.cfg.clip_grad)
+        if coefficient < 1.0:
+            torch._foreach_mul_([piece.master.grad for piece in self.pieces], coefficient)
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+        self.inner.step()
+        for piece in self.pieces:
+            if not piece.is_view:
+                piece.param.detach().view(-1)[piece.param_range()].copy_(piece.master)
+        for buffer in self.buffers:
+            if buffer.sharded:
+                for bucket in buffer.layout.buckets:
+                    self._start_gather(buffer, bucket)
+
+    def _start_gather(self, buffer: GradBuffer, bucket: Bucket) -> None:
+        """forward: all-gather the owned parts of ``bucket``'s parameters from every owner."""
+        lo, hi = buffer.layout.owned(bucket)
+        shard = torch.zeros(hi - lo, dtype=bucket.dtype, device=buffer.data.device)
+        for piece in self.pieces:
+            if piece.bucket is bucket:
+                shard[piece.lo - lo:piece.hi - lo].copy_(piece.master)
+        full = torch.empty(bucket.end - bucket.start, dtype=bucket.dtype, device=shard.device)
+        work = _all_gather_single(full, shard, group=buffer.layout.group, async_op=self.overlap_param_gather)
+        self._gathers[id(bucket)] = _Gather(work, full, shard)
+        if not self.overlap_param_gather:
+            self._finish_gather(buffer, bucket)
+
+    def _finish_gather(self, buffer: GradBuffer, bucket: Bucket) -> None:
+        gather = self._gathers.pop(id(bucket))
+        if gather.work is not None:
+            gather.work.wait()
+        for p in bucket.params:
+            start = buffer.layout.offsets[id(p)] - bucket.start
+            p.detach().copy_(gather.full[start:start + p.numel()].view_as(p))
+
+    def finish_param_sync(self) -> None:
+        """Complete every pending parameter all-gather (before reading weights outside a forward:
+        checkpoints, the end of training)."""
+        for buffer in self.buffers:
+            for bucket in buffer.layout.buckets:
+                if id(bucket) in self._gathers:
+                    self._finish_gather(buffer, bucket)
+
+    def _install_gather_hooks(self, model: nn.Module) -> None:
+        """Megatron-style: every module with parameters of its own waits, just before its forward,
+        for the all-gathers of the buckets holding them; the other buckets keep gathering meanwhile."""
+        where = {id(p): (buffer, bucket) for buffer in self.buffers for bucket in buffer.layout.buckets
+                 for p in bucket.params}
+        for module in model.modules():
+            needed = {id(where[id(p)][1]): where[id(p)] for p in module.parameters(recurse=False)
+                      if id(p) in where}
+            if needed:
+                module.register_forward_pre_hook(self._make_gather_hook(list(needed.values())))
+
+    def _make_gather_hook(self, needed: list[tuple[GradBuffer, Bucket]]):
+        def hook(_module: nn.Module, _args: object) -> None:
+            for buffer, bucket in needed:
+                if id(bucket) in self._gathers:
+                    self._finish_gather(buffer, bucket)
+
+        return hook
+
+    # -- accounting and state ---------------------------------------------------------------------
+    @property
+    def peak_grad_bytes(self) -> int:
+        """High-water mark of gradient memory (ZeRO-2: owned parts plus transient buckets)."""
+        return self.grad_memory.peak
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds: parameters, gradient buffers, fp32 master copies, AdamW moments."""
+        owned = sum(piece.hi - piece.lo for piece in self.pieces)
+        out = dict(params=sum(p.numel() * p.element_size() for b in self.buffers for p in b.layout.params),
+                   grads=sum(b.data.numel() * 4 for b in self.buffers),
+                   master=sum((piece.hi - piece.lo) * 4 for piece in self.pieces if not piece.is_view),
+                   optimizer=2 * owned * 4)
+        if any(isinstance(b, ShardedGradBuffer) for b in self.buffers):  # two reducing, one filling
+            full = sum(b.layout.numel for b in self.buffers)
+            biggest = max(bucket.end - bucket.start for b in self.buffers for bucket in b.layout.buckets)
+            out["grad_buckets"] = 4 * min(full, 3 * biggest)
+        return out
+
+    STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
+
+    def full_param_states(self) -> tuple[dict[int, dict[str, torch.Tensor]], float]:
+        """Every local parameter's AdamW moments (and fp32 master when it is not the parameter
+        itself), shaped like the parameter and rebuilt from the owned parts (a collective over each
+        sharding group); and the AdamW step count."""
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        step = 0.0
+        for buffer in self.buffers:
+            layout = buffer.layout
+            flats = {k: torch.zeros(layout.numel, dtype=torch.float32, device=buffer.data.device)
+                     for k in self.STATE_KINDS}
+            for piece in self.pieces:
+                if piece.buffer is not buffer:
+                    continue
+                state = self.inner.state.get(piece.master, {})
+                flats["master"][piece.lo:piece.hi] = piece.master
+                for kind in ("exp_avg", "exp_avg_sq"):
+                    if kind in state:
+                        flats[kind][piece.lo:piece.hi] = state[kind]
+                if "step" in state:
+                    step = float(state["step"])
+            if buffer.sharded:
+                for flat in flats.values():
+                    dist.all_reduce(flat, group=layout.group)  # disjoint owned parts: the sum is the whole
+            for p in layout.params:
+                start = layout.offsets[id(p)]
+                kinds = self.STATE_KINDS if p.dtype != torch.float32 else ("exp_avg", "exp_avg_sq")
+                out[id(p)] = {k: flats[k][start:start + p.numel()].view(p.shape).clone() for k in kinds}
+        return out, step
+
+    def load_full_param_states(self, states: dict[int, dict[str, torch.Tensor]], step: float) -> None:
+        """Inverse of :meth:`full_param_states`: keep this rank's owned part of each parameter's state,
+        placed on the master's device (fused AdamW wants the step there too)."""
+        with torch.no_grad():
+            for piece in self.pieces:
+                saved = states[id(piece.param)]
+                device, part = piece.master.device, piece.param_range()
+                piece.master.copy_(saved["master"].reshape(-1)[part])
+                if "exp_avg" in saved:
+                    fused = bool(self.inner.defaults.get("fused"))
+                    self.inner.state[piece.master] = {
+                        "step": torch.tensor(step, dtype=torch.float32, device=device if fused else "cpu"),
+                        "exp_avg": saved["exp_avg"].reshape(-1)[part].to(device, copy=True),
+                        "exp_avg_sq": saved["exp_avg_sq"].reshape(-1)[part].to(device, copy=True)}
+
+
+def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squared entries of ``grads``, in fp64 (0 for none)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float64)  # fp64: the same whatever the sharding
+    return torch.stack(norms).pow(2).sum().cpu()
+
+
+def clip_coefficient(total_norm: float, max_norm: float) -> float:
+    """Factor that brings the global norm to at most max_norm (1.0: no clipping; 0 disables)."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (total_norm + 1e-6))
+
+
+def expert_grad_divisor(mesh: ParallelMesh, cfg: Config) -> int:
+    """Expert grads are SUMMED over expert-DP (every token reached one expert copy) and divided by
+    this: DP (the loss is a mean over DP replicas), times TP when TP ranks dispatched identical
+    tokens (TP > 1 without SP and without the TP-deduplicated exchange)."""
+    duplicated = mesh.tp > 1 and not mesh.sequence_parallel and not cfg.parallel.moe_tp_dedup
+    return mesh.dp * (mesh.tp if duplicated else 1)
+
+
+def build_optimizer(model: nn.Module, cfg: Config, mesh: ParallelMesh) -> DistributedOptimizer:
+    """The optimizer the flags ask for: sharded with --use-distributed-optimizer, whole otherwise;
+    bucketing, overlap and bf16 reduction apply either way."""
+    t = cfg.train
+    return DistributedOptimizer(
+        model, t, mesh, expert_grad_divisor(mesh, cfg), shard=t.use_distributed_optimizer,
+        overlap_grad_reduce=t.overlap_grad_reduce, bucket_numel=t.ddp_bucket_size,
+        grad_reduce_dtype=torch.bfloat16 if t.grad_reduce_in_bf16 else torch.float32,
+        stage=t.zero_stage, overlap_param_gather=t.overlap_param_gather)
+
+
+def optimizer_memory_estimate(dense_params: int, expert_params: int, tp: int, pp: int, ep: int, dp: int,
+                              edp: int, zero: bool, weight_bytes: int = 2, zero_stage: int = 1
+                              ) -> dict[str, float]:
+    """Formula-based bytes per rank (the planner's model): weights in compute precision, fp32 gradient
+    buffers, fp32 masters + two AdamW moments; the last two sharded over DP (dense) / expert-DP
+    (experts) when ``zero``, and the gradients too with ``zero_stage`` 2 (transient buckets not
+    counted). Dense weights are split over TP x PP, experts over EP x PP."""
+    dense_local = dense_params / (tp * pp)
+    expert_local = expert_params / (ep * pp)
+    state = 12.0  # fp32 master + exp_avg + exp_avg_sq
+    dense_div, expert_div = (dp, edp) if zero else (1, 1)
+    grad_div = (dense_div, expert_div) if zero and zero_stage == 2 else (1, 1)
+    return dict(weights=(dense_local + expert_local) * weight_bytes,
+                grads=dense_local * 4 / grad_div[0] + expert_local * 4 / grad_div[1],
+                optimizer=dense_local * state / dense_div + expert_local * state / expert_div)
