@@ -41,6 +41,7 @@ class ParamRole:
     init: InitSpec
     sp_partial: bool = False
     expert_ids: tuple[int, ...] | None = None
+    keep_fp32: bool = False  # stays fp32 when the model computes in bf16 (the router gate)
 
 
 def set_role(param: nn.Parameter, role: ParamRole) -> nn.Parameter:
@@ -56,9 +57,10 @@ def tp_split(param: nn.Parameter, *, std: float, full_shape: tuple[int, ...], sh
 
 
 def replicated(param: nn.Parameter, *, std: float | None = None, ones: bool = False,
-               sp_partial: bool = False) -> nn.Parameter:
+               sp_partial: bool = False, keep_fp32: bool = False) -> nn.Parameter:
     """Held whole by every TP rank; ``sp_partial``: its input is sequence-sharded under SP."""
-    return set_role(param, ParamRole("replicated", InitSpec(std, ones=ones), sp_partial=sp_partial))
+    return set_role(param, ParamRole("replicated", InitSpec(std, ones=ones), sp_partial=sp_partial,
+                                     keep_fp32=keep_fp32))
 
 
 def expert(param: nn.Parameter, *, std: float, expert_ids: list[int]) -> nn.Parameter:
@@ -84,3 +86,11 @@ def is_tp_split(param: torch.Tensor) -> bool:
 
 def is_sp_partial(param: torch.Tensor) -> bool:
     return role(param).sp_partial
+
+
+@torch.no_grad()
+def cast_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """Compute weights in ``dtype``, except parameters whose role keeps them fp32 (the router gate:
+    routing decisions are precision-sensitive). The optimizer keeps fp32 masters of the rest."""
+    for param in model.parameters():
+        param.data = param.data.to(torch.float32 if role(param).keep_fp32 else dtype)

@@ -26,6 +26,7 @@ from megamoe.parallel.mesh import ParallelMesh, build_mesh, detect_launch, init_
 from megamoe.parallel.optimizer import build_optimizer
 from megamoe.parallel.pipeline import P2P
 from megamoe.parallel.tensor import TPContext
+from megamoe.params import cast_params
 from megamoe.training.checkpoint import CheckpointError, load_checkpoint, saved_placement
 from megamoe.training.loop import Trainer
 from megamoe.training.metrics import MetricsLogger, measure_peak_tflops
@@ -81,6 +82,19 @@ def build_stage_model(cfg: Config, mesh: ParallelMesh, placement: ExpertPlacemen
     return StageModel(chunks, placement)
 
 
+def build_model(cfg: Config, mesh: ParallelMesh, device: torch.device,
+                placement: ExpertPlacement | None = None) -> StageModel:
+    """This rank's model, initialised, on ``device``, in its compute dtype (bf16 with --bf16, the
+    router gate excepted), with activation recomputation applied as the flags ask."""
+    model = build_stage_model(cfg, mesh, placement)
+    apply_recompute(model, cfg.train)  # --recompute-*: wraps modules, keeps parameter names
+    model.init_weights(cfg.train.seed)
+    model.to(device)
+    if cfg.train.bf16:
+        cast_params(model, torch.bfloat16)  # fp32 masters live in the optimizer
+    return model
+
+
 def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None,
              placement: ExpertPlacement | None = None) -> list[dict[str, Any]]:
     """Train as configured inside an existing mesh; returns the per-iteration records."""
@@ -90,13 +104,8 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
     torch.manual_seed(cfg.train.seed)
     if placement is None and cfg.train.load:  # resume where the experts were (same EP size only)
         placement = saved_placement(cfg.train.load, mesh.ep)
-    model = build_stage_model(cfg, mesh, placement)
-    apply_recompute(model, cfg.train)  # --recompute-*: wraps modules, keeps parameter names
+    model = build_model(cfg, mesh, device, placement)
     logger = MetricsLogger(cfg, enabled=mesh.rank == 0)
-    model.init_weights(cfg.train.seed)
-    model.to(device)
-    if cfg.train.bf16:
-        model.to(torch.bfloat16)  # bf16 compute weights; fp32 masters live in the optimizer
     optimizer = build_optimizer(model, cfg, mesh)
     mem = optimizer.memory_bytes()
     logger.info(" > memory per rank (MiB): " + ", ".join(f"{k} {v / 2**20:.2f}" for k, v in mem.items()))
@@ -111,8 +120,7 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
         seq = cfg.model.seq_length // (mesh.tp if mesh.sequence_parallel else 1)
         p2p = P2P(next=ring[(r + 1) % mesh.pp], prev=ring[(r - 1) % mesh.pp],
                   shape=(cfg.train.micro_batch_size, seq, cfg.model.hidden_size),
-                  dtype=next(model.parameters()).dtype,
-                  device=device)
+                  dtype=torch.bfloat16 if cfg.train.bf16 else torch.float32, device=device)
     trainer = Trainer(cfg, mesh, model, optimizer, train_data, valid_data, logger, device, peak, p2p)
     if cfg.train.load:
         state = load_checkpoint(cfg.train.load, model, optimizer, mesh, cfg)

@@ -83,3 +83,37 @@ def test_overlap_with_chunked_exchange_and_expert_dp(single_many, extra, chunks)
     # started reducing) after 1/K of the micro-batches: 5.5e-5 away from one process.
     layout = [EP, "2", "--overlap-grad-reduce", "--moe-alltoall-chunks", chunks, "--ddp-bucket-size", "3000"]
     _same(single_many, train_losses(4, MANY_MICRO_BATCHES + layout + extra), rel=2e-6)
+
+
+def _precision_after_a_step(rank, world, extra):
+    from megamoe.training import loop
+
+    seen = {}
+    original = loop.Trainer.train_step
+
+    def spy(self):
+        rec = original(self)
+        seen["params"] = {name: str(p.dtype) for name, p in self.model.named_parameters()}
+        seen["buckets"] = [sorted({str(p.dtype) for p in bucket.params})
+                           for buffer in self.optimizer.buffers for bucket in buffer.layout.buckets]
+        seen["masters"] = sorted({str(piece.master.dtype) for piece in self.optimizer.pieces})
+        return rec
+
+    loop.Trainer.train_step = spy
+    from tests.harness import _train_rank
+
+    argv = TINY_ARGS + ["--train-iters", "1", "--bf16", "--ddp-bucket-size", "3000"] + extra
+    _train_rank(rank, world, argv)
+    return seen
+
+
+@pytest.mark.parametrize("extra", [[], [Z, "--overlap-param-gather"]], ids=["plain", "zero"])
+def test_router_gate_stays_fp32_under_bf16(extra):
+    seen = run_ranks(2, _precision_after_a_step, extra)[0]
+    gates = {name: dtype for name, dtype in seen["params"].items() if name.endswith("gate_weight")}
+    assert gates and set(gates.values()) == {"torch.float32"}
+    others = {dtype for name, dtype in seen["params"].items() if name not in gates}
+    assert others == {"torch.bfloat16"}
+    assert all(len(dtypes) == 1 for dtypes in seen["buckets"])  # one dtype per bucket (all-gather)
+    assert ["torch.bfloat16"] in seen["buckets"] and ["torch.float32"] in seen["buckets"]
+    assert seen["masters"] == ["torch.float32"]
