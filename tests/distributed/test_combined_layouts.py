@@ -3,16 +3,8 @@ single-process losses (DESIGN.md section 2), so interactions between features ar
 
 import pytest
 
+from tests.conftest import BIG, EP, PP, TP, Z, assert_same_losses
 from tests.harness import train_losses
-
-BIG = ["--global-batch-size", "16"]
-TP, PP, EP, Z = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
-                 "--expert-model-parallel-size", "--use-distributed-optimizer")
-
-
-@pytest.fixture(scope="module")
-def single_big():
-    return train_losses(1, BIG)
 
 
 @pytest.mark.parametrize("extra", [
@@ -27,9 +19,5 @@ def single_big():
 ], ids=["tp2-sp-pp2-interleaved-ep2-zero2-opg-chunks4", "pp2-ep4-hier-2x2-zero-overlap",
         "tp2-dedup-ep4-zero2-chunks2", "pp2-interleaved-ep4-hier-2x2-recompute"])
 def test_everything_at_once_world8(single_big, extra):
-    recs = train_losses(8, BIG + extra)
-    assert len(recs) == len(single_big) == 10
-    for a, b in zip(single_big, recs):
-        for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["iteration"], key)
+    assert_same_losses(single_big, train_losses(8, BIG + extra), rel=1e-5)
     assert single_big[-1]["lm_loss"] < single_big[0]["lm_loss"]  # it trained

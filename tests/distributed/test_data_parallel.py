@@ -3,23 +3,13 @@ to the same losses and grad norms as one process (fp32, dropless, rtol 1e-5)."""
 
 import pytest
 
+from tests.conftest import assert_same_losses
 from tests.harness import train_losses
-
-
-@pytest.fixture(scope="module")
-def single():
-    return train_losses(1)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_dp_matches_single_process(single, world):
-    recs = train_losses(world)
-    assert len(recs) == len(single) == 10
-    for a, b in zip(single, recs):
-        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5)
-        assert b["aux_loss"] == pytest.approx(a["aux_loss"], rel=1e-5)
-        assert b["z_loss"] == pytest.approx(a["z_loss"], rel=1e-5)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    assert_same_losses(single, train_losses(world), rel=1e-5)
     assert single[-1]["lm_loss"] < single[0]["lm_loss"]
 
 

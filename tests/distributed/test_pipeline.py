@@ -4,10 +4,11 @@ combined with TP, SP, EP and DP, activation memory of 1F1B vs all-forward-all-ba
 import pytest
 
 from megamoe.arguments import parse_args
-from megamoe.config import ConfigError, stage_layer_ranges
+from megamoe.config import stage_layer_ranges
+from tests.conftest import BIG, EP, PP, TP, assert_one_line_config_error, assert_same_losses
 from tests.harness import TINY_ARGS, run_ranks, train_losses
 
-PP, V = "--pipeline-model-parallel-size", "--num-layers-per-virtual-pipeline-stage"
+V = "--num-layers-per-virtual-pipeline-stage"
 
 
 def test_stage_ranges():
@@ -28,43 +29,28 @@ def test_stage_ranges():
     ([V, "1"], 1, "needs --pipeline-model-parallel-size > 1"),
 ])
 def test_bad_input_is_one_line_before_launch(argv, world, flag):
-    with pytest.raises(ConfigError) as err:
-        parse_args(TINY_ARGS + argv).validate(world)
-    assert flag in str(err.value) and "\n" not in str(err.value)
-
-
-@pytest.fixture(scope="module")
-def single():
-    return train_losses(1)
-
-
-def _same(a_recs, b_recs):
-    assert len(a_recs) == len(b_recs) == 10
-    for a, b in zip(a_recs, b_recs):
-        for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["iteration"], key)
+    assert_one_line_config_error(argv, world, flag)
 
 
 @pytest.mark.parametrize("world, extra", [
     (2, [PP, "2"]),
     (4, [PP, "4"]),
     (2, [PP, "2", V, "1"]),  # 2 virtual stages per rank, micro-batches = 2 x stages
-    (4, [PP, "2", "--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    (4, [PP, "2", TP, "2", "--sequence-parallel"]),
     (2, [PP, "2", "--decoder-first-pipeline-num-layers", "1"]),
     (2, [PP, "2", "--decoder-last-pipeline-num-layers", "3"]),
 ], ids=["pp2", "pp4", "pp2-interleaved", "pp2-tp2-sp", "pp2-first1", "pp2-last3"])
 def test_pp_layout_invariance(single, world, extra):
-    _same(single, train_losses(world, extra))
+    assert_same_losses(single, train_losses(world, extra), rel=1e-5)
 
 
-def test_pp2_ep2_dp2_world8():
-    big = ["--global-batch-size", "16"]
-    _same(train_losses(1, big), train_losses(8, big + [PP, "2", "--expert-model-parallel-size", "2"]))
+def test_pp2_ep2_dp2_world8(single_big):
+    assert_same_losses(single_big, train_losses(8, BIG + [PP, "2", EP, "2"]), rel=1e-5)
 
 
 def test_interleaved_with_micro_batches_equal_to_stages():
     deep = ["--num-layers", "8"]  # 4 ranks x 2 chunks; 4 micro-batches = all-warmup path
-    _same(train_losses(1, deep), train_losses(4, deep + [PP, "4", V, "1"]))
+    assert_same_losses(train_losses(1, deep), train_losses(4, deep + [PP, "4", V, "1"]), rel=1e-5)
 
 
 def _activation_peak(rank, world, schedule_name, gbs):

@@ -5,25 +5,10 @@ counters counted once; bad combinations rejected in one line."""
 import pytest
 
 from megamoe.arguments import parse_args
-from megamoe.config import ConfigError
+from tests.conftest import BIG, EP, PP, TP, Z, assert_one_line_config_error, assert_same_losses
 from tests.harness import TINY_ARGS, run_ranks, train_losses
 
 FULL = ["--recompute-granularity", "full"]
-TP, PP, EP, Z = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
-                 "--expert-model-parallel-size", "--use-distributed-optimizer")
-KEYS = ("lm_loss", "aux_loss", "z_loss", "grad_norm")
-
-
-def _same(a_recs, b_recs, rel):
-    assert len(a_recs) == len(b_recs) == 10
-    for a, b in zip(a_recs, b_recs):
-        for key in KEYS:
-            assert b[key] == pytest.approx(a[key], rel=rel), (a["iteration"], key)
-
-
-@pytest.fixture(scope="module")
-def single():
-    return train_losses(1)
 
 
 @pytest.mark.parametrize("extra", [
@@ -33,13 +18,12 @@ def single():
     ["--recompute-granularity", "selective"],
 ], ids=["full-uniform1", "full-uniform2", "full-block1", "selective"])
 def test_recompute_single_process_matches(single, extra):
-    _same(single, train_losses(1, extra), rel=1e-6)
+    assert_same_losses(single, train_losses(1, extra), rel=1e-6)
 
 
-def test_recompute_world8_tp_sp_pp_ep_zero2():
-    big = ["--global-batch-size", "16"]
+def test_recompute_world8_tp_sp_pp_ep_zero2(single_big):
     layout = FULL + [TP, "2", "--sequence-parallel", PP, "2", EP, "2", Z, "--zero-stage", "2"]
-    _same(train_losses(1, big), train_losses(8, big + layout), rel=1e-5)
+    assert_same_losses(single_big, train_losses(8, BIG + layout), rel=1e-5)
 
 
 def test_recompute_counts_all_to_all_once():
@@ -87,9 +71,7 @@ def test_full_recompute_saves_far_fewer_activation_bytes():
     (["--recompute-granularity", "everything"], "--recompute-granularity"),
 ])
 def test_recompute_bad_input(argv, message):
-    with pytest.raises(ConfigError) as err:
-        parse_args(TINY_ARGS + argv).validate(2)
-    assert message in str(err.value) and "\n" not in str(err.value)
+    assert_one_line_config_error(argv, 2, message)
 
 
 def _build(extra):

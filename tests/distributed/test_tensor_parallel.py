@@ -9,6 +9,7 @@ from megamoe.model.layers import Attention, GatedMLP
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.parallel.tensor import TPContext, VocabParallelEmbedding, vocab_parallel_cross_entropy
 from megamoe.params import role
+from tests.conftest import TP, assert_same_losses
 from tests.harness import run_ranks, train_losses
 
 H, HEADS, D, FFN, V = 16, 4, 8, 32, 64
@@ -101,21 +102,12 @@ def test_vocab_parallel_embedding_and_cross_entropy(world, sp):
     assert all(run_ranks(world, _check_embedding_and_ce, sp))
 
 
-@pytest.fixture(scope="module")
-def single():
-    return train_losses(1)
-
-
 @pytest.mark.parametrize("world, extra", [
-    (2, ["--tensor-model-parallel-size", "2"]),
-    (4, ["--tensor-model-parallel-size", "4"]),
-    (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-    (4, ["--tensor-model-parallel-size", "4", "--sequence-parallel"]),
-    (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),  # TP=2+SP x DP=2
+    (2, [TP, "2"]),
+    (4, [TP, "4"]),
+    (2, [TP, "2", "--sequence-parallel"]),
+    (4, [TP, "4", "--sequence-parallel"]),
+    (4, [TP, "2", "--sequence-parallel"]),  # TP=2+SP x DP=2
 ], ids=["tp2", "tp4", "tp2-sp", "tp4-sp", "tp2-sp-dp2"])
 def test_tp_layout_invariance(single, world, extra):
-    recs = train_losses(world, extra)
-    assert len(recs) == len(single) == 10
-    for a, b in zip(single, recs):
-        for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["iteration"], key)
+    assert_same_losses(single, train_losses(world, extra), rel=1e-5)

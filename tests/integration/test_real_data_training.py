@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import EP, PP, TP, assert_same_losses
 from tests.harness import TINY_ARGS, train_losses
 from tests.unit.test_data_tools import preprocess, tool
-
-TP, PP, EP = "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--expert-model-parallel-size"
 
 
 @pytest.fixture(scope="module")
@@ -32,34 +31,29 @@ def _train(world: int, args: list[str]) -> list[dict]:
     return train_losses(world, [], base_args=args)
 
 
-def _same(a_recs, b_recs):
-    assert len(a_recs) == len(b_recs) == 10
-    for a, b in zip(a_recs, b_recs):
-        for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["iteration"], key)
-
-
 @pytest.fixture(scope="module")
-def single(data):
+def single_real(data):
+    """The single-process reference on real text (tests.conftest's ``single`` is on mock data)."""
     return _train(1, _args(data, str(data / "a_text_document")))
 
 
-def test_loss_falls_on_real_text(single):
-    assert single[-1]["lm_loss"] < single[0]["lm_loss"] - 0.5
+def test_loss_falls_on_real_text(single_real):
+    assert single_real[-1]["lm_loss"] < single_real[0]["lm_loss"] - 0.5
 
 
 @pytest.mark.parametrize("world, extra", [
     (4, [EP, "2"]),  # DP 4: every rank its own slice of each global batch
     (4, [TP, "2", "--sequence-parallel", PP, "2"]),
 ], ids=["dp4-ep2", "tp2-sp-pp2"])
-def test_layouts_see_the_same_real_samples(data, single, world, extra):
-    _same(single, _train(world, _args(data, str(data / "a_text_document")) + extra))
+def test_layouts_see_the_same_real_samples(data, single_real, world, extra):
+    recs = _train(world, _args(data, str(data / "a_text_document")) + extra)
+    assert_same_losses(single_real, recs, rel=1e-5)
 
 
 def test_blended_real_data_under_data_parallelism(data):
     blend = _args(data, "0.7", str(data / "a_text_document"), "0.3", str(data / "b_text_document"))
     one = _train(1, blend)
-    _same(one, _train(2, blend))
+    assert_same_losses(one, _train(2, blend), rel=1e-5)
     assert one[-1]["lm_loss"] < one[0]["lm_loss"] - 0.3  # it trains on the blend
 
 

@@ -1,0 +1,75 @@
+"""Helpers shared by the test files (one copy each, instead of one per file).
+
+Fixtures (pytest finds them by name): ``single`` and ``single_big``, the single-process reference runs
+of openmoe-tiny that layout-invariance tests compare against, computed once per session.
+
+Plain functions and constants, imported with ``from tests.conftest import ...``: the comparisons
+(``assert_same_losses``, ``assert_bitwise``, ``assert_one_line_config_error``) and the layout flags.
+``tests/harness.py`` keeps what runs training (``run_ranks``, ``train_losses``, ``TINY_ARGS``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from megamoe.arguments import parse_args
+from megamoe.config import ConfigError
+from tests.harness import TINY_ARGS, train_losses
+
+TP, PP, EP = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+              "--expert-model-parallel-size")
+Z = "--use-distributed-optimizer"
+BIG = ["--global-batch-size", "16"]  # 16 samples per step: enough for DP 2-8 at micro-batch 2
+LOSS_KEYS = ("lm_loss", "aux_loss", "z_loss", "grad_norm")
+TINY_ITERS = 10  # --train-iters in TINY_ARGS
+
+Records = Sequence[dict[str, Any]]
+
+
+# Session scope: the reference runs are deterministic and only read, so every file shares one copy.
+# A module may still define its own fixture of the same name (that one wins there).
+@pytest.fixture(scope="session")
+def single() -> list[dict[str, Any]]:
+    """openmoe-tiny on one process with TINY_ARGS: the per-iteration records (do not modify)."""
+    return train_losses(1)
+
+
+@pytest.fixture(scope="session")
+def single_big() -> list[dict[str, Any]]:
+    """As ``single`` with BIG (global batch 16), the reference of the world-8 layouts."""
+    return train_losses(1, BIG)
+
+
+def assert_same_losses(a_recs: Records, b_recs: Records, rel: float = 1e-5, n: int | None = TINY_ITERS,
+                       keys: Sequence[str] = LOSS_KEYS) -> None:
+    """``b_recs`` trained like ``a_recs``: as many records (``n`` each, unless None), and each of
+    ``keys`` equal to relative tolerance ``rel`` at every iteration."""
+    assert len(a_recs) == len(b_recs)
+    if n is not None:
+        assert len(a_recs) == n
+    for a, b in zip(a_recs, b_recs):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=rel), (a["iteration"], key)
+
+
+def assert_bitwise(a_recs: Records, b_recs: Records) -> None:
+    """The same iterations with exactly the same lm loss and grad norm (an exact resume)."""
+    assert [r["iteration"] for r in a_recs] == [r["iteration"] for r in b_recs]
+
+    def values(recs: Records) -> list[tuple[float, float]]:
+        return [(r["lm_loss"], r["grad_norm"]) for r in recs]
+
+    assert values(a_recs) == values(b_recs)
+
+
+def assert_one_line_config_error(argv: Sequence[str], world: int, message: str,
+                                 base_args: Sequence[str] = TINY_ARGS) -> None:
+    """``base_args + argv`` is rejected for ``world`` ranks before any launch, by a ConfigError whose
+    one-line text contains ``message``."""
+    with pytest.raises(ConfigError) as err:
+        parse_args(list(base_args) + list(argv)).validate(world)
+    text = str(err.value)
+    assert message in text and "\n" not in text
