@@ -1,6 +1,6 @@
 """Forward/backward schedules: no pipeline, 1F1B, interleaved 1F1B (after Megatron-LM).
 
-Every schedule runs the ``m`` micro-batches of one step through this rank's model chunks and
+Every schedule runs the micro-batches of one step through this rank's model chunks and
 leaves the gradients accumulated; the last stage records the LM loss of each micro-batch.
 Router aux/z losses need no plumbing: each MoE layer attaches their gradient to its output.
 """
@@ -47,9 +47,9 @@ class StepContext:
         """Run chunk on its next micro-batch: hidden out, or the scaled loss on the last stage."""
         if not self._fwd_count:
             self._fwd_count = [0] * self.vp
-        mb = self._fwd_count[chunk]
+        micro_batch = self._fwd_count[chunk]
         self._fwd_count[chunk] += 1
-        tokens, labels = self.batches[mb]
+        tokens, labels = self.batches[micro_batch]
         t0 = time.perf_counter()
         out = self.chunks[chunk].stage_forward(tokens, x, labels)
         self.compute_s += time.perf_counter() - t0
@@ -78,15 +78,15 @@ def no_pipeline(ctx: StepContext) -> None:
 def one_f_one_b(ctx: StepContext) -> None:
     """1F1B: warmup forwards, steady one-forward-one-backward, cooldown backwards. At most
     pp - rank micro-batches are alive at once, whatever the number of micro-batches."""
-    p2p, m = ctx.p2p, len(ctx.batches)
+    p2p, num_micro_batches = ctx.p2p, len(ctx.batches)
     first, last = ctx.is_first(0), ctx.is_last(0)
-    warmup = min(ctx.pp - ctx.rank - 1, m)
-    steady = m - warmup
+    num_warmup_microbatches = min(ctx.pp - ctx.rank - 1, num_micro_batches)
+    num_steady_microbatches = num_micro_batches - num_warmup_microbatches
     inputs: list[torch.Tensor | None] = []
     outputs: list[torch.Tensor] = []
 
     # Warmup: forward only.
-    for _ in range(warmup):
+    for _ in range(num_warmup_microbatches):
         x, _ = p2p.exchange(recv_prev=not first)
         y = ctx.forward(0, x)
         p2p.exchange(send_next=None if last else y)
@@ -94,105 +94,108 @@ def one_f_one_b(ctx: StepContext) -> None:
         inputs.append(x)
         outputs.append(y)
     # Steady: forward of micro-batch i + warmup, backward of micro-batch i.
-    x = p2p.exchange(recv_prev=not first)[0] if steady else None
-    for i in range(steady):
+    x = p2p.exchange(recv_prev=not first)[0] if num_steady_microbatches else None
+    for i in range(num_steady_microbatches):
         y = ctx.forward(0, x)
-        _, g = p2p.exchange(send_next=None if last else y, recv_next=not last)
+        _, grad_output = p2p.exchange(send_next=None if last else y, recv_next=not last)
         deallocate_output(None if last else y)
         inputs.append(x)
         outputs.append(y)
-        gx = ctx.backward(inputs.pop(0), outputs.pop(0), g)
-        x, _ = p2p.exchange(send_prev=None if first else gx, recv_prev=not first and i < steady - 1)
+        grad_input = ctx.backward(inputs.pop(0), outputs.pop(0), grad_output)
+        more = i < num_steady_microbatches - 1
+        x, _ = p2p.exchange(send_prev=None if first else grad_input, recv_prev=not first and more)
     # Cooldown: backward only.
-    for _ in range(warmup):
-        _, g = p2p.exchange(recv_next=not last)
-        gx = ctx.backward(inputs.pop(0), outputs.pop(0), g)
-        p2p.exchange(send_prev=None if first else gx)
+    for _ in range(num_warmup_microbatches):
+        _, grad_output = p2p.exchange(recv_next=not last)
+        grad_input = ctx.backward(inputs.pop(0), outputs.pop(0), grad_output)
+        p2p.exchange(send_prev=None if first else grad_input)
 
 
 def interleaved_one_f_one_b(ctx: StepContext) -> None:
-    """Interleaved 1F1B (Narayanan et al. 2021; Megatron's schedule) over vp chunks per rank.
+    """Interleaved 1F1B (Narayanan et al. 2021; Megatron's schedule) over several chunks per rank.
 
-    Forward k runs chunk (k mod pp*vp) // pp; backwards visit chunks in reverse. Needs the number of
-    micro-batches to be a multiple of pp (checked at start-up)."""
-    p2p, pp, r, vp, m = ctx.p2p, ctx.pp, ctx.rank, ctx.vp, len(ctx.batches)
-    total = m * vp
-    inputs: list[list] = [[] for _ in range(vp)]
-    outputs: list[list] = [[] for _ in range(vp)]
-    grads: list[list] = [[] for _ in range(vp)]
+    The k-th forward of this rank runs chunk (k mod pp*chunks) // pp; backwards visit chunks in
+    reverse. Needs the number of micro-batches to be a multiple of pp (checked at start-up)."""
+    p2p, pp, rank, num_chunks = ctx.p2p, ctx.pp, ctx.rank, ctx.vp
+    num_micro_batches = len(ctx.batches)
+    total = num_micro_batches * num_chunks  # forwards (and backwards) this rank runs
+    inputs: list[list] = [[] for _ in range(num_chunks)]  # per chunk: received activations, FIFO
+    outputs: list[list] = [[] for _ in range(num_chunks)]
+    grads: list[list] = [[] for _ in range(num_chunks)]  # per chunk: received output gradients
 
     def chunk_of(k: int, forward: bool) -> int:
-        c = (k % (pp * vp)) // pp
-        return c if forward else vp - 1 - c
+        chunk = (k % (pp * num_chunks)) // pp
+        return chunk if forward else num_chunks - 1 - chunk
 
-    def fwd(k: int) -> torch.Tensor:
-        c = chunk_of(k, True)
-        if ctx.is_first(c) and len(inputs[c]) == len(outputs[c]):
-            inputs[c].append(None)
-        y = ctx.forward(c, inputs[c][-1])
-        outputs[c].append(y)
+    def run_forward(k: int) -> torch.Tensor:
+        chunk = chunk_of(k, True)
+        if ctx.is_first(chunk) and len(inputs[chunk]) == len(outputs[chunk]):
+            inputs[chunk].append(None)
+        y = ctx.forward(chunk, inputs[chunk][-1])
+        outputs[chunk].append(y)
         return y
 
-    def bwd(k: int) -> torch.Tensor | None:
-        c = chunk_of(k, False)
-        if ctx.is_last(c) and not grads[c]:
-            grads[c].append(None)
-        return ctx.backward(inputs[c].pop(0), outputs[c].pop(0), grads[c].pop(0))
+    def run_backward(k: int) -> torch.Tensor | None:
+        chunk = chunk_of(k, False)
+        if ctx.is_last(chunk) and not grads[chunk]:
+            grads[chunk].append(None)
+        return ctx.backward(inputs[chunk].pop(0), outputs[chunk].pop(0), grads[chunk].pop(0))
 
-    all_warmup = m == pp
-    warmup = total if all_warmup else min((pp - r - 1) * 2 + (vp - 1) * pp, total)
-    remaining = total - warmup
+    all_warmup = num_micro_batches == pp
+    num_warmup = total if all_warmup else min((pp - rank - 1) * 2 + (num_chunks - 1) * pp, total)
+    num_steady = total - num_warmup
 
     # Warmup: forwards only; the last one also receives the first backward's gradient.
     inputs[0].append(p2p.exchange(recv_prev=not ctx.is_first(0))[0])
-    for k in range(warmup):
-        y = fwd(k)
+    for k in range(num_warmup):
+        y = run_forward(k)
         send = None if ctx.is_last(chunk_of(k, True)) else y
-        nxt = chunk_of(k + 1, True)
-        recv_prev = not (r == 0 and nxt == 0) and k != total - 1
-        if k == warmup - 1 and not all_warmup:
-            x, g = p2p.exchange(send_next=send, recv_prev=recv_prev, recv_next=r != pp - 1)
-            grads[vp - 1].append(g)
+        next_chunk = chunk_of(k + 1, True)
+        recv_prev = not (rank == 0 and next_chunk == 0) and k != total - 1
+        if k == num_warmup - 1 and not all_warmup:
+            x, grad_output = p2p.exchange(send_next=send, recv_prev=recv_prev, recv_next=rank != pp - 1)
+            grads[num_chunks - 1].append(grad_output)
         else:
             x, _ = p2p.exchange(send_next=send, recv_prev=recv_prev)
         deallocate_output(send)
-        inputs[nxt].append(x)
+        inputs[next_chunk].append(x)
 
     # Steady: one forward and one backward per iteration, exchanged in one batch.
-    for k in range(remaining):
-        fk = k + warmup
-        y, gx = fwd(fk), bwd(k)
-        send_y = None if ctx.is_last(chunk_of(fk, True)) else y
-        send_g = None if ctx.is_first(chunk_of(k, False)) else gx
-        if r == 0:  # the first rank runs pp - 1 forwards ahead of the last
-            nf = chunk_of(fk - (pp - 1), True)
-            recv_prev, nf = nf != vp - 1, nf + 1
+    for k in range(num_steady):
+        forward_k = k + num_warmup
+        y, grad_input = run_forward(forward_k), run_backward(k)
+        send_y = None if ctx.is_last(chunk_of(forward_k, True)) else y
+        send_grad = None if ctx.is_first(chunk_of(k, False)) else grad_input
+        if rank == 0:  # the first rank runs pp - 1 forwards ahead of the last
+            next_forward_chunk = chunk_of(forward_k - (pp - 1), True)
+            recv_prev, next_forward_chunk = next_forward_chunk != num_chunks - 1, next_forward_chunk + 1
         else:
-            recv_prev, nf = True, chunk_of(fk + 1, True)
-        if r == pp - 1:
-            nb = chunk_of(k - (pp - 1), False)
-            recv_next, nb = nb != 0, nb - 1
+            recv_prev, next_forward_chunk = True, chunk_of(forward_k + 1, True)
+        if rank == pp - 1:
+            next_backward_chunk = chunk_of(k - (pp - 1), False)
+            recv_next, next_backward_chunk = next_backward_chunk != 0, next_backward_chunk - 1
         else:
-            recv_next, nb = True, chunk_of(k + 1, False)
-        recv_prev = recv_prev and k != remaining - 1
-        x, g = p2p.exchange(send_next=send_y, send_prev=send_g, recv_prev=recv_prev, recv_next=recv_next)
+            recv_next, next_backward_chunk = True, chunk_of(k + 1, False)
+        recv_prev = recv_prev and k != num_steady - 1
+        x, grad_output = p2p.exchange(send_next=send_y, send_prev=send_grad, recv_prev=recv_prev,
+                                      recv_next=recv_next)
         deallocate_output(send_y)
         if recv_prev:
-            inputs[nf].append(x)
+            inputs[next_forward_chunk].append(x)
         if recv_next:
-            grads[nb].append(g)
+            grads[next_backward_chunk].append(grad_output)
 
     # Cooldown: the remaining backwards.
     if all_warmup:
-        grads[vp - 1].append(p2p.exchange(recv_next=r != pp - 1)[1])
-    for k in range(remaining, total):
-        gx = bwd(k)
-        nb = chunk_of(k + 1, False)
-        recv_next = not (r == pp - 1 and nb == vp - 1) and k != total - 1
-        send_g = None if ctx.is_first(chunk_of(k, False)) else gx
-        _, g = p2p.exchange(send_prev=send_g, recv_next=recv_next)
+        grads[num_chunks - 1].append(p2p.exchange(recv_next=rank != pp - 1)[1])
+    for k in range(num_steady, total):
+        grad_input = run_backward(k)
+        next_backward_chunk = chunk_of(k + 1, False)
+        recv_next = not (rank == pp - 1 and next_backward_chunk == num_chunks - 1) and k != total - 1
+        send_grad = None if ctx.is_first(chunk_of(k, False)) else grad_input
+        _, grad_output = p2p.exchange(send_prev=send_grad, recv_next=recv_next)
         if recv_next:
-            grads[nb].append(g)
+            grads[next_backward_chunk].append(grad_output)
 
 
 def all_forward_all_backward(ctx: StepContext) -> None:
@@ -208,9 +211,9 @@ def all_forward_all_backward(ctx: StepContext) -> None:
         inputs.append(x)
         outputs.append(y)
     for x, y in zip(inputs, outputs):
-        _, g = p2p.exchange(recv_next=not last)
-        gx = ctx.backward(x, y, g)
-        p2p.exchange(send_prev=None if first else gx)
+        _, grad_output = p2p.exchange(recv_next=not last)
+        grad_input = ctx.backward(x, y, grad_output)
+        p2p.exchange(send_prev=None if first else grad_input)
 
 
 class ActivationMeter:
@@ -247,11 +250,11 @@ def forward_only(ctx: StepContext) -> None:
     p2p = ctx.p2p
     with torch.no_grad():
         for _ in ctx.batches:
-            for c in range(ctx.vp):
+            for chunk in range(ctx.vp):
                 x = None
-                if not ctx.is_first(c) and p2p is not None:
+                if not ctx.is_first(chunk) and p2p is not None:
                     x = p2p.exchange(recv_prev=True)[0]
-                y = ctx.forward(c, x)
+                y = ctx.forward(chunk, x)
                 ctx._in_flight -= 1
-                if not ctx.is_last(c) and p2p is not None:
+                if not ctx.is_last(chunk) and p2p is not None:
                     p2p.exchange(send_next=y)
