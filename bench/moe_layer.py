@@ -233,11 +233,10 @@ def summary(by: dict[str, Result]) -> dict[str, float]:
 
 
 def profile_phases(layer: MoELayer, x: torch.Tensor, reps: int) -> None:
-    """Median forward time of router / permute / experts / unpermute and of the whole backward."""
-    from megamoe.moe.dispatcher import permute, unpermute
+    """Median forward time of router / dispatch / experts / combine and of the whole backward."""
     from megamoe.moe.router import route
 
-    names = ["router", "permute", "experts", "unpermute", "backward"]
+    names = ["router", "dispatch", "experts", "combine", "backward"]
     times: dict[str, list[float]] = {n: [] for n in names}
     b, s, h = x.shape
     gy = torch.randn_like(x)
@@ -246,11 +245,11 @@ def profile_phases(layer: MoELayer, x: torch.Tensor, reps: int) -> None:
         xt = x.reshape(b * s, h)
         routing = route(xt @ layer.gate_weight.t(), layer.cfg.router_topk, layer.capacity(b * s))
         marks.append(time.perf_counter())
-        rows, perm = permute(xt, routing, layer.placement)
+        rows, counts, state = layer.dispatcher.dispatch(xt, routing)
         marks.append(time.perf_counter())
-        y = layer.experts(rows, perm.counts)
+        y = layer.experts(rows, counts)
         marks.append(time.perf_counter())
-        out = unpermute(y, perm, b * s).view(b, s, h)
+        out = layer.dispatcher.combine(y, state).view(b, s, h)
         marks.append(time.perf_counter())
         out.backward(gy)
         marks.append(time.perf_counter())

@@ -1,40 +1,56 @@
-"""Expert parallelism: dispatcher round trips with identity experts, layout invariance of every
-exchange mode, all-to-all byte / message counters, and bad input."""
+"""Expert parallelism: the token dispatcher's public API (round trips with identity experts, equality
+with the single-process reference in every exchange mode, traffic counters, the frozen state, one
+gradient accumulation per expert parameter under the K-chunk pipeline), layout invariance of every
+exchange mode in training, and bad input."""
+
+import dataclasses
 
 import pytest
 import torch
 
 from megamoe.config import ConfigError, MoEConfig
 from megamoe.model.init import init_model_weights
-from megamoe.moe.dispatcher import EPTopology
+from megamoe.moe.dispatcher import EPTopology, ExpertPlacement, TokenDispatcher
+from megamoe.moe.experts import GroupedExperts
 from megamoe.moe.layer import MoELayer, MoEParallel, MoEStats
 from megamoe.moe.router import Routing
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.parallel.tensor import TPContext
 from tests.harness import run_ranks, train_losses
 
-H, E, K, T = 8, 8, 2, 24
+H, E, K, T, FFN = 8, 8, 2, 24, 16
 
 
 class IdentityExperts(torch.nn.Module):
     def forward(self, x, counts):
         assert int(counts.sum()) == x.shape[0]
-        self.seen = int(x.shape[0])
+        self.seen = getattr(self, "seen", 0) + int(x.shape[0])
         return x
 
 
-def _layer(rank, world, ep, hierarchical=False, rpn=0, tp=1, chunks=1):
+def _mesh(rank, world, ep, tp=1, rpn=0):
     mesh = ParallelMesh(world_size=world, rank=rank, ep=ep, tp=tp, ranks_per_node=rpn)
     mesh.build_groups()
+    return mesh
+
+
+def _dispatcher(mesh, hierarchical=False, chunks=1, dedup=True):
     par = MoEParallel(tp=TPContext.from_mesh(mesh), ep=EPTopology.from_mesh(mesh, hierarchical),
-                      chunks=chunks)
-    layer = MoELayer(1, H, 16, MoEConfig(num_experts=E, router_topk=K), 0.1, 0.1, MoEStats(), par=par)
-    init_model_weights(layer, seed=1)
-    return mesh, layer
+                      tp_dedup=dedup, chunks=chunks)
+    return TokenDispatcher(ExpertPlacement.contiguous(E, par.ep.size), par, MoEStats())
 
 
-def _routing(kind, rank, t=T):
-    g = torch.Generator().manual_seed(100 + rank)
+def _run(dispatcher, x, routing, experts, pipelined=None):
+    """dispatch -> experts -> combine through the public API; ``pipelined`` (default: whenever the
+    dispatcher can) runs the K-chunk pipeline instead."""
+    if dispatcher.pipelined if pipelined is None else pipelined:
+        return dispatcher.pipeline(x, routing, experts)
+    rows, counts, state = dispatcher.dispatch(x, routing)
+    return dispatcher.combine(experts(rows, counts), state)
+
+
+def _routing(kind, seed, t=T):
+    g = torch.Generator().manual_seed(100 + seed)
     if kind == "random":
         ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(t)])
     elif kind == "skewed":  # 90% of choices on experts 0/1
@@ -48,12 +64,12 @@ def _routing(kind, rank, t=T):
                    aux_loss=torch.zeros(()), z_loss=torch.zeros(()))
 
 
-def _round_trip(rank, world, ep, kind, hierarchical, rpn, chunks=1):
-    mesh, layer = _layer(rank, world, ep, hierarchical, rpn, chunks=chunks)
-    layer.experts = IdentityExperts()
+def _round_trip(rank, world, ep, kind, hierarchical, rpn, chunks=1, pipelined=None):
+    dispatcher = _dispatcher(_mesh(rank, world, ep, rpn=rpn), hierarchical, chunks)
+    experts = IdentityExperts()
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(rank)).requires_grad_()
     r = _routing(kind, rank)
-    out = layer._dispatch_and_combine(x, r)
+    out = _run(dispatcher, x, r, experts, pipelined)
     torch.testing.assert_close(out, x * r.combine.sum(-1, keepdim=True))
     out.sum().backward()  # gradients travel back through the same exchanges
     torch.testing.assert_close(x.grad, r.combine.sum(-1, keepdim=True).expand(T, H))
@@ -61,7 +77,7 @@ def _round_trip(rank, world, ep, kind, hierarchical, rpn, chunks=1):
     t = torch.ones(1)
     torch.distributed.all_reduce(t)
     assert t.item() == world
-    return layer.experts.seen if chunks == 1 else True
+    return experts.seen
 
 
 @pytest.mark.parametrize("ep", [2, 4, 8])
@@ -80,21 +96,128 @@ def test_hierarchical_round_trip_2_nodes_x_4():
 
 
 @pytest.mark.parametrize("kind", ["random", "all-to-one"])
-def test_overlapped_chunks_round_trip(kind):
-    assert all(run_ranks(4, _round_trip, 4, kind, False, 0, 3))
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipeline", "dispatch-combine"])
+def test_chunked_round_trip(kind, pipelined):
+    seen = run_ranks(4, _round_trip, 4, kind, False, 0, 3, pipelined)
+    assert sum(seen) == 4 * T * K
+
+
+def _vs_reference(rank, world, ep, tp, hierarchical, rpn, chunks, pipelined):
+    """The EP dispatcher with real experts against the single-process dispatcher holding all E
+    experts (same logical weights), on this rank's tokens: outputs and input gradients."""
+    mesh = _mesh(rank, world, ep, tp, rpn)
+    dispatcher = _dispatcher(mesh, hierarchical, chunks)
+    experts = GroupedExperts(H, FFN, dispatcher.placement.local_experts(mesh.ep_rank), 0.1, 0.1)
+    reference = TokenDispatcher(ExpertPlacement.contiguous(E), MoEParallel(), MoEStats())
+    all_experts = GroupedExperts(H, FFN, list(range(E)), 0.1, 0.1)
+    init_model_weights(experts, seed=1)
+    init_model_weights(all_experts, seed=1)
+    tokens = rank // tp  # TP ranks (adjacent) hold the same tokens
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(tokens))
+    routing = _routing("skewed", tokens)
+    grad_out = torch.randn(T, H, generator=torch.Generator().manual_seed(7))
+    outs, grads = [], []
+    for d, ex in ((dispatcher, experts), (reference, all_experts)):
+        xi = x.clone().requires_grad_()
+        out = _run(d, xi, routing, ex, pipelined)
+        out.backward(grad_out)
+        outs.append(out.detach())
+        grads.append(xi.grad)
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(grads[0], grads[1])
+    return True
+
+
+@pytest.mark.parametrize("world, ep, tp, hierarchical, rpn, chunks, pipelined", [
+    (2, 2, 1, False, 0, 1, False),
+    (4, 4, 1, False, 0, 1, False),
+    (4, 4, 1, True, 2, 1, False),
+    (4, 4, 1, True, 2, 2, False),
+    (4, 2, 2, False, 0, 1, False),
+    (4, 2, 2, False, 0, 2, True),
+    (2, 2, 1, False, 0, 2, True),
+    (2, 2, 1, False, 0, 4, True),
+    (2, 2, 1, False, 0, 4, False),
+], ids=["flat-ep2", "flat-ep4", "hier-2x2", "hier-2x2-chunks2", "tp2-dedup", "tp2-dedup-chunks2",
+        "chunks2-pipeline", "chunks4-pipeline", "chunks4-dispatch-combine"])
+def test_dispatch_combine_equals_single_process(world, ep, tp, hierarchical, rpn, chunks, pipelined):
+    assert all(run_ranks(world, _vs_reference, ep, tp, hierarchical, rpn, chunks, pipelined))
+
+
+def _traffic(rank, world, chunks):
+    """Counters after one forward, after a second one, and after a recomputed one."""
+    dispatcher = _dispatcher(_mesh(rank, world, 2), chunks=chunks)
+    x, r = torch.randn(T, H, generator=torch.Generator().manual_seed(rank)), _routing("random", rank)
+    stats, seen = dispatcher.stats, []
+    for recomputing in (False, False, True):
+        stats.recomputing = recomputing
+        _run(dispatcher, x, r, IdentityExperts())
+        seen.append(stats.comm.as_dict())
+    return seen
+
+
+def test_traffic_counted_once_per_forward_and_equal_across_chunks():
+    by_chunks = {k: run_ranks(2, _traffic, k) for k in (1, 2, 4)}
+    for per_rank in by_chunks.values():
+        for once, twice, recomputed in per_rank:
+            assert once["a2a_bytes_intra"] > 0
+            assert twice == {k: 2 * v for k, v in once.items()}
+            assert recomputed == twice
+    for k in (2, 4):  # the same rows cross the wire; only the number of messages grows
+        for (one, _, _), (chunked, _, _) in zip(by_chunks[1], by_chunks[k]):
+            assert chunked["a2a_bytes_intra"] == one["a2a_bytes_intra"]
+            assert one["a2a_msgs_intra"] <= chunked["a2a_msgs_intra"] <= k * one["a2a_msgs_intra"]
+
+
+def _state_frozen(rank, world):
+    dispatcher = _dispatcher(_mesh(rank, world, 2), chunks=2)
+    _, _, state = dispatcher.dispatch(torch.randn(T, H), _routing("random", rank))
+    for obj, name in ((state, "chunks"), (state.chunks[0], "lo"), (state.chunks[0].perm, "counts")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, name, None)
+    return len(state.chunks)
+
+
+def test_dispatch_state_is_frozen():
+    assert run_ranks(2, _state_frozen) == [2, 2]
+
+
+def _expert_grad_accumulations(rank, world, chunks):
+    """Two micro-batches through an EP2 MoE layer: how many times each expert parameter's gradient
+    was accumulated per backward, and the summed gradients."""
+    mesh = _mesh(rank, world, 2)
+    par = MoEParallel(tp=TPContext.from_mesh(mesh), ep=EPTopology.from_mesh(mesh, False), chunks=chunks)
+    layer = MoELayer(1, H, FFN, MoEConfig(num_experts=E, router_topk=K), 0.1, 0.1, MoEStats(), par=par)
+    init_model_weights(layer, seed=1)
+    fired = {name: 0 for name, _ in layer.experts.named_parameters()}
+    for name, p in layer.experts.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda _, name=name: fired.__setitem__(name, fired[name] + 1))
+    per_backward = []
+    for micro in range(2):
+        x = torch.randn(1, T, H, generator=torch.Generator().manual_seed(10 * rank + micro))
+        layer(x.requires_grad_()).pow(2).sum().backward()
+        per_backward.append(dict(fired))
+        fired.update({name: 0 for name in fired})
+    return per_backward, {name: p.grad.clone() for name, p in layer.named_parameters()}
+
+
+def test_k_chunk_pipeline_accumulates_each_expert_gradient_once():
+    reference = run_ranks(2, _expert_grad_accumulations, 1)
+    for chunks in (2, 4):
+        for (per_backward, grads), (_, ref_grads) in zip(run_ranks(2, _expert_grad_accumulations, chunks),
+                                                         reference):
+            assert per_backward == [{name: 1 for name in per_backward[0]}] * 2, (chunks, per_backward)
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad, ref_grads[name], msg=f"{name}, {chunks} chunks")
 
 
 def _counters(rank, world, ep, hierarchical, rpn):
-    mesh, layer = _layer(rank, world, ep, hierarchical, rpn)
+    mesh = _mesh(rank, world, ep, rpn=rpn)
+    dispatcher = _dispatcher(mesh, hierarchical)
     r = _routing("random", rank)
-    x = torch.randn(T, H)
-    layer._dispatch_and_combine(x, r)
-    per = E // ep
-    me = mesh.ep_rank
-    leaving = int(((r.expert_ids // per) != me).sum())  # (token, choice) rows sent to other ranks
-    return layer.stats.comm.as_dict(), leaving
-
-
+    _run(dispatcher, torch.randn(T, H), r, IdentityExperts())
+    leaving = int(((r.expert_ids // (E // ep)) != mesh.ep_rank).sum())  # (token, choice) rows sent away
+    return dispatcher.stats.comm.as_dict(), leaving
 def test_flat_bytes_equal_tokens_leaving_each_rank():
     res = run_ranks(4, _counters, 4, False, 0)
     sent_dispatch = [leaving for _, leaving in res]
@@ -166,7 +289,11 @@ TP = "--tensor-model-parallel-size"
     (4, [EP, "2", TP, "2", "--sequence-parallel"]),
     (2, [EP, "2", "--moe-alltoall-chunks", "4"]),
     (4, [EP, "2", TP, "2", "--moe-alltoall-chunks", "4"]),
-], ids=["ep2", "ep4", "ep2-tp2-dedup", "ep2-tp2-flat", "ep2-tp2-sp", "ep2-chunks4", "ep2-tp2-chunks4"])
+    # expert-DP 2 with buckets reduced as their gradients complete: each expert gradient must be
+    # accumulated once per micro-batch, not once per chunk (issue 20)
+    (4, [EP, "2", "--use-distributed-optimizer", "--overlap-grad-reduce", "--moe-alltoall-chunks", "2"]),
+], ids=["ep2", "ep4", "ep2-tp2-dedup", "ep2-tp2-flat", "ep2-tp2-sp", "ep2-chunks4", "ep2-tp2-chunks4",
+        "ep2-edp2-zero-overlap-chunks2"])
 def test_ep_layout_invariance(single, world, extra):
     _same(single, train_losses(world, extra))
 
