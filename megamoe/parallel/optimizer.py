@@ -18,6 +18,7 @@ The trainer calls three things per step: :meth:`finish_grad_sync`, :meth:`grad_n
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,17 @@ class MasterPiece:
     def param_range(self) -> slice:
         start = self.buffer.layout.offsets[id(self.param)]
         return slice(self.lo - start, self.hi - start)
+
+
+@dataclass(frozen=True)
+class StateShard:
+    """Optimizer state ``kind`` of flat positions [lo, lo + len(values)) of ``layout``'s numbering."""
+
+    layout: GroupLayout
+    bucket: Bucket
+    kind: str
+    lo: int
+    values: torch.Tensor  # fp32 [n]
 
 
 @dataclass
@@ -245,40 +257,57 @@ class DistributedOptimizer:
             out["grad_buckets"] = 4 * min(full, 3 * biggest)
         return out
 
-    STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
+    def state_kinds(self, param: nn.Parameter) -> tuple[str, ...]:
+        """What a checkpoint keeps of ``param`` besides its weight: the AdamW moments once a step has
+        run, and the fp32 master when the parameter is not itself fp32 (the same on every rank)."""
+        moments = ("exp_avg", "exp_avg_sq") if self.adam_step() > 0 else ()
+        return (("master",) if param.dtype != torch.float32 else ()) + moments
 
-    def full_param_states(self) -> tuple[dict[int, dict[str, torch.Tensor]], float]:
-        """Every local parameter's AdamW moments (and fp32 master when it is not the parameter
-        itself), shaped like the parameter and rebuilt from the owned parts (a collective over each
-        sharding group); and the AdamW step count."""
-        out: dict[int, dict[str, torch.Tensor]] = {}
-        step = 0.0
+    def adam_step(self) -> float:
+        state = next((self.inner.state[piece.master] for piece in self.pieces
+                      if piece.master in self.inner.state), {})
+        return float(state["step"]) if "step" in state else 0.0
+
+    def iter_state_shards(self) -> Iterator[StateShard]:
+        """The :meth:`state_kinds` of every local parameter as flat pieces of its group's numbering, one
+        owner's part of one bucket and kind at a time, so a save holds at most two such parts beyond
+        the steady state. In a sharded group the owners send their parts to the group's first rank (the
+        checkpoint writer), which gets them all; the other ranks get nothing."""
         for buffer in self.buffers:
             layout = buffer.layout
-            flats = {k: torch.zeros(layout.numel, dtype=torch.float32, device=buffer.data.device)
-                     for k in self.STATE_KINDS}
-            for piece in self.pieces:
-                if piece.buffer is not buffer:
-                    continue
-                state = self.inner.state.get(piece.master, {})
-                flats["master"][piece.lo:piece.hi] = piece.master
-                for kind in ("exp_avg", "exp_avg_sq"):
-                    if kind in state:
-                        flats[kind][piece.lo:piece.hi] = state[kind]
-                if "step" in state:
-                    step = float(state["step"])
-            if buffer.sharded:
-                for flat in flats.values():
-                    dist.all_reduce(flat, group=layout.group)  # disjoint owned parts: the sum is the whole
-            for p in layout.params:
-                start = layout.offsets[id(p)]
-                kinds = self.STATE_KINDS if p.dtype != torch.float32 else ("exp_avg", "exp_avg_sq")
-                out[id(p)] = {k: flats[k][start:start + p.numel()].view(p.shape).clone() for k in kinds}
-        return out, step
+            for bucket in layout.buckets:
+                lo, hi = layout.owned(bucket)
+                owned = [piece for piece in self.pieces if piece.bucket is bucket]
+                for kind in self.state_kinds(bucket.params[0]):
+                    mine = torch.zeros(hi - lo, dtype=torch.float32, device=buffer.data.device)
+                    for piece in owned:
+                        source = piece.master if kind == "master" else self.inner.state[piece.master][kind]
+                        mine[piece.lo - lo:piece.hi - lo].copy_(source)
+                    yield from self._collect(buffer, bucket, kind, mine)
+                    del mine  # before the next kind's is allocated
+
+    def _collect(self, buffer: GradBuffer, bucket: Bucket, kind: str, mine: torch.Tensor,
+                 ) -> Iterator[StateShard]:
+        """forward: every owner's part of ``bucket`` to the group's first rank, one at a time."""
+        layout = buffer.layout
+        if not buffer.sharded or layout.group is None:
+            yield StateShard(layout, bucket, kind, layout.owned(bucket)[0], mine)
+            return
+        writer = dist.get_global_rank(layout.group, 0)
+        if layout.rank != 0:
+            dist.send(mine, dst=writer, group=layout.group)
+            return
+        per_rank = mine.numel()
+        yield StateShard(layout, bucket, kind, bucket.start, mine)
+        for owner in range(1, layout.size):
+            part = torch.empty_like(mine)
+            dist.recv(part, src=dist.get_global_rank(layout.group, owner), group=layout.group)
+            yield StateShard(layout, bucket, kind, bucket.start + owner * per_rank, part)
+            del part  # before the next owner's is received
 
     def load_full_param_states(self, states: dict[int, dict[str, torch.Tensor]], step: float) -> None:
-        """Inverse of :meth:`full_param_states`: keep this rank's owned part of each parameter's state,
-        placed on the master's device (fused AdamW wants the step there too)."""
+        """Keep this rank's owned part of each parameter's saved state ({kind: tensor shaped like the
+        parameter}), placed on the master's device (fused AdamW wants the step there too)."""
         with torch.no_grad():
             for piece in self.pieces:
                 saved = states[id(piece.param)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -27,14 +28,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from megamoe.config import Config
 from megamoe.moe.dispatcher import ExpertPlacement
 from megamoe.parallel.mesh import ParallelMesh
-from megamoe.parallel.optimizer import DistributedOptimizer
+from megamoe.parallel.optimizer import DistributedOptimizer, StateShard
 from megamoe.params import is_expert, is_tp_split, role
+from megamoe.training.safetensors_stream import StreamingSafetensors
 
 KINDS = ("weight", "master", "exp_avg", "exp_avg_sq")
 FORMAT_VERSION = 1
@@ -132,21 +133,8 @@ def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimiz
         os.makedirs(tmp)
     _barrier(world)
     optimizer.finish_param_sync()  # weights still being all-gathered (--overlap-param-gather)
-    params = list(model.named_parameters())
-    opt_states, step = optimizer.full_param_states()  # a collective when sharded
-    tensors: dict[str, torch.Tensor] = {}
-    for pname, p in params:
-        if not is_writer(p, mesh):
-            continue
-        sources = {"weight": p.detach(), **opt_states.get(id(p), {})}
-        for piece in param_pieces(_global_name(pname), p):
-            for kind, src in sources.items():
-                tensors[piece.entry(kind)] = src[piece.local].contiguous().cpu()
-    tensors["rng/torch"] = torch.get_rng_state()  # every rank its own generator (dropout streams)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng/cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, os.path.join(tmp, f"rank_{rank:05d}.safetensors"),
-              metadata={"format": str(FORMAT_VERSION)})
+    step = optimizer.adam_step()
+    write_rank_file(os.path.join(tmp, f"rank_{rank:05d}.safetensors"), model, optimizer, mesh)
     if rank == 0:
         meta = {"format": FORMAT_VERSION, "iteration": state.iteration,
                 "consumed_samples": state.consumed_samples, "adam_step": step, "world_size": world,
@@ -163,6 +151,57 @@ def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimiz
         _atomic_write_text(os.path.join(directory, "latest"), name + "\n")
     _barrier(world)
     return final
+
+
+def write_rank_file(path: str, model: nn.Module, optimizer: DistributedOptimizer, mesh: ParallelMesh) -> None:
+    """This rank's pieces (weights, then optimizer state bucket by bucket, streamed to the file as it
+    is gathered) and its RNG states. Every rank calls it: gathering sharded state is a collective."""
+    rng = {"rng/torch": torch.get_rng_state()}  # every rank its own generator (dropout streams)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["rng/cuda"] = torch.cuda.get_rng_state()
+    pieces = {id(p): param_pieces(_global_name(name), p) for name, p in model.named_parameters()
+              if is_writer(p, mesh)}
+    layout = {name: (t.dtype, tuple(t.shape)) for name, t in rng.items()}
+    for p in model.parameters():
+        for piece in pieces.get(id(p), ()):
+            layout[piece.entry("weight")] = (p.dtype, piece.size)
+            for kind in optimizer.state_kinds(p):
+                layout[piece.entry(kind)] = (torch.float32, piece.size)
+    with StreamingSafetensors(path, layout, {"format": str(FORMAT_VERSION)}) as out:
+        for name, t in rng.items():
+            out.write(name, t)
+        for p in model.parameters():
+            for piece in pieces.get(id(p), ()):
+                out.write(piece.entry("weight"), p.detach()[piece.local])
+        for shard in optimizer.iter_state_shards():  # a collective per bucket and kind
+            _write_state_shard(out, shard, pieces)
+
+
+def _write_state_shard(out: StreamingSafetensors, shard: StateShard, pieces: dict[int, list[Piece]]) -> None:
+    """Write the parts of ``shard`` (a flat range of a group's numbering) that fall in pieces this rank
+    writes. Every piece is a contiguous flat range of its local parameter (see _flat_range)."""
+    hi = shard.lo + shard.values.numel()
+    for p in shard.bucket.params:
+        start = shard.layout.offsets[id(p)]
+        for piece in pieces.get(id(p), ()):
+            piece_lo, piece_hi = _flat_range(piece, tuple(p.shape))
+            first, last = max(shard.lo, start + piece_lo), min(hi, start + piece_hi)
+            if first < last:
+                out.write_range(piece.entry(shard.kind), first - start - piece_lo,
+                                shard.values[first - shard.lo:last - shard.lo])
+
+
+def _flat_range(piece: Piece, shape: tuple[int, ...]) -> tuple[int, int]:
+    """[lo, hi) of ``piece`` in its local parameter flattened: pieces cut only the first dimension
+    (expert slots, TP row blocks) or take the whole local tensor."""
+    numel = math.prod(shape)
+    if math.prod(piece.size) == numel:
+        return 0, numel
+    inner = numel // shape[0]
+    first = piece.local[0]
+    if isinstance(first, int):
+        return first * inner, (first + 1) * inner
+    return first.start * inner, first.stop * inner
 
 
 def _global_name(name: str) -> str:

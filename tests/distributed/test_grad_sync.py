@@ -4,22 +4,10 @@ exchange included)."""
 
 import pytest
 
+from tests.conftest import EP, Z, assert_same_losses
 from tests.harness import TINY_ARGS, run_ranks, train_losses
 
-Z, EP = "--use-distributed-optimizer", "--expert-model-parallel-size"
 MANY_MICRO_BATCHES = ["--global-batch-size", "16", "--micro-batch-size", "1"]  # 4 per rank at DP 4
-
-
-def _same(a_recs, b_recs, rel):
-    assert len(a_recs) == len(b_recs)
-    for a, b in zip(a_recs, b_recs):
-        for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=rel), (a["iteration"], key)
-
-
-@pytest.fixture(scope="module")
-def single():
-    return train_losses(1)
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +50,13 @@ def test_without_zero_bucket_size_and_overlap_take_effect(single):
 
 
 def test_without_zero_overlap_equals_no_overlap_at_dp4(single):
-    _same(single, train_losses(4, ["--overlap-grad-reduce", "--ddp-bucket-size", "3000"]), rel=1e-5)
+    overlapped = train_losses(4, ["--overlap-grad-reduce", "--ddp-bucket-size", "3000"])
+    assert_same_losses(single, overlapped, rel=1e-5)
 
 
 def test_without_zero_grad_reduce_in_bf16_is_within_bf16_tolerance(single):
     recs = train_losses(4, ["--grad-reduce-in-bf16", "--ddp-bucket-size", "3000"])
-    _same(single, recs, rel=1e-2)
+    assert_same_losses(single, recs, rel=1e-2)
     assert [r["grad_norm"] for r in recs] != [r["grad_norm"] for r in single]  # it really reduced in bf16
 
 
@@ -82,7 +71,7 @@ def test_overlap_with_chunked_exchange_and_expert_dp(single_many, extra, chunks)
     # backward, so expert gradient hooks fired once per chunk and a bucket looked complete (and
     # started reducing) after 1/K of the micro-batches: 5.5e-5 away from one process.
     layout = [EP, "2", "--overlap-grad-reduce", "--moe-alltoall-chunks", chunks, "--ddp-bucket-size", "3000"]
-    _same(single_many, train_losses(4, MANY_MICRO_BATCHES + layout + extra), rel=2e-6)
+    assert_same_losses(single_many, train_losses(4, MANY_MICRO_BATCHES + layout + extra), rel=2e-6)
 
 
 def _precision_after_a_step(rank, world, extra):

@@ -18,17 +18,17 @@ from megamoe.training.run import main
 
 
 def crash_after_rank_file(iteration: int) -> None:
-    """Make checkpoint.save_file exit the process once it has written a file of ``iteration``."""
-    real_save_file = checkpoint.save_file
+    """Make checkpoint.write_rank_file exit the process once it has written a file of ``iteration``."""
+    real_write = checkpoint.write_rank_file
     # save_checkpoint writes every rank file into "<save>/iter_<7 digits>.tmp/" before renaming it
     target = f"iter_{iteration:07d}.tmp"
 
-    def save_file(tensors: dict[str, Any], filename: str, *args: Any, **kwargs: Any) -> None:
-        real_save_file(tensors, filename, *args, **kwargs)
-        if os.path.basename(os.path.dirname(filename)) == target:
+    def write_rank_file(path: str, *args: Any, **kwargs: Any) -> None:
+        real_write(path, *args, **kwargs)
+        if os.path.basename(os.path.dirname(path)) == target:
             os._exit(9)  # no cleanup, no barrier: like a rank killed mid-save
 
-    checkpoint.save_file = save_file
+    checkpoint.write_rank_file = write_rank_file
 
 
 if __name__ == "__main__":
