@@ -1,4 +1,4 @@
-"""Forward+backward of one MoE layer, side by side in one process (DESIGN.md section 7).
+"""Forward+backward of one MoE layer, side by side in one process (method: bench/README.md).
 
 Candidates, interleaved round-robin per repetition so machine noise hits them all alike:
 

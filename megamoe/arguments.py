@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 from megamoe.config import Config, ConfigError
 
-# DESIGN.md section 4. Each FFN (dense or expert) has 4*H*I parameters; vocab padded to 256384.
+# docs/ARCHITECTURE.md, "The OpenMoE model": each FFN has 4*H*I parameters; vocab padded to 256384.
 PRESETS: dict[str, dict[str, float | int]] = {
     # A few hundred K parameters, for CPU tests and the quickstart.
     "openmoe-tiny": dict(num_layers=4, hidden_size=64, num_attention_heads=4, kv_channels=16,

@@ -1,4 +1,4 @@
-"""The OpenMoE decoder (DESIGN.md section 4).
+"""The OpenMoE decoder (docs/ARCHITECTURE.md, "The OpenMoE model").
 
 Dense block:  y = x + Attn(norm1(x));  z = y + MLP(norm2(y)).
 MoE block:    y = x + Attn(norm1(x));  m = y + MoE(norm2(y));  z = m + ExtraMLP(norm3(m)).

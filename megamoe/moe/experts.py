@@ -120,7 +120,7 @@ class GroupedExperts(nn.Module):
     """E_local experts, each an OpenMoE gated FFN; weights stored HF-style.
 
     wi_gate [E_local, H, 2I], wi_up [E_local, H, I], wo [E_local, I, H]. ``expert_ids`` are the global
-    ids of the local slots, which seed their initialisation (DESIGN.md section 2).
+    ids of the local slots, which seed their initialisation (docs/ARCHITECTURE.md, "Layout invariance").
     """
 
     def __init__(self, hidden: int, ffn: int, expert_ids: list[int], std: float, out_std: float,

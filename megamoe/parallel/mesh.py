@@ -2,7 +2,7 @@
 
 Dense mesh  (fastest-varying first): TP x DP x PP     rank = tp + TP*(dp + DP*pp)
 Expert mesh (same ranks, folded):    ETP x EP x EDP x PP with EDP = world / (ETP*EP*PP)
-TP varies fastest so TP groups stay inside a node (DESIGN.md section 3).
+TP varies fastest so TP groups stay inside a node (docs/ARCHITECTURE.md, "Rank grid").
 """
 
 from __future__ import annotations

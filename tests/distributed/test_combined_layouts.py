@@ -1,5 +1,6 @@
 """Layout invariance with many features at once on 8 ranks: every combination here must train to the
-single-process losses (DESIGN.md section 2), so interactions between features are covered too."""
+single-process losses (docs/ARCHITECTURE.md, "Layout invariance"), so interactions between features
+are covered too."""
 
 import pytest
 

@@ -1,5 +1,5 @@
-"""Layout invariance for data parallelism (DESIGN.md section 2): DP=2 and DP=4 train openmoe-tiny
-to the same losses and grad norms as one process (fp32, dropless, rtol 1e-5)."""
+"""Layout invariance for data parallelism (docs/ARCHITECTURE.md, "Layout invariance"): DP=2 and DP=4
+train openmoe-tiny to the same losses and grad norms as one process (fp32, dropless, rtol 1e-5)."""
 
 import pytest
 
