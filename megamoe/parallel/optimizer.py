@@ -64,15 +64,6 @@ class StateShard:
     values: torch.Tensor  # fp32 [n]
 
 
-@dataclass
-class _Gather:
-    """A bucket's parameter all-gather in flight (the shard stays alive until it is done)."""
-
-    work: object | None
-    full: torch.Tensor
-    shard: torch.Tensor
-
-
 class DistributedOptimizer:
     """AdamW over fp32 masters of the owned parts of the gradient buffers; see the module docstring."""
 
@@ -100,10 +91,27 @@ class DistributedOptimizer:
                 bucket_numel=bucket_numel)
             self.buffers.append(buffer_class(layout, divisor, sp_group if name == "dense" else None,
                                              overlap_grad_reduce, grad_reduce_dtype, self.grad_memory))
-        self._gathers: dict[int, _Gather] = {}  # id(bucket) -> gather in flight
+        self._gathers: dict[int, object] = {}  # id(bucket) -> its all-gather in flight
+        self._storage: dict[int, torch.Tensor] = {}  # id(bucket) -> [end - start] its parameters' data
+        for buffer in self.buffers:
+            if buffer.sharded:
+                self._gather_in_place(buffer)
         self._build_masters()
         if self.overlap_param_gather:
             self._install_gather_hooks(model)
+
+    def _gather_in_place(self, buffer: GradBuffer) -> None:
+        """Megatron's param buffer: the parameters of each bucket become views of one contiguous
+        tensor laid out like the gradient bucket, so the all-gather after a step writes the other
+        owners' parts straight into the parameters (no gathered copy, no copy back)."""
+        for bucket in buffer.layout.buckets:
+            storage = torch.zeros(bucket.end - bucket.start, dtype=bucket.dtype, device=buffer.data.device)
+            for p in bucket.params:
+                start = buffer.layout.offsets[id(p)] - bucket.start
+                view = storage[start:start + p.numel()].view_as(p)
+                view.copy_(p.detach())
+                p.data = view
+            self._storage[id(bucket)] = storage
 
     def _build_masters(self) -> None:
         self.pieces: list[MasterPiece] = []
@@ -191,25 +199,17 @@ class DistributedOptimizer:
                     self._start_gather(buffer, bucket)
 
     def _start_gather(self, buffer: GradBuffer, bucket: Bucket) -> None:
-        """forward: all-gather the owned parts of ``bucket``'s parameters from every owner."""
+        """forward: all-gather, in place, the owned parts of ``bucket``'s parameters (already written
+        back by the step) from every owner."""
+        storage = self._storage[id(bucket)]
         lo, hi = buffer.layout.owned(bucket)
-        shard = torch.zeros(hi - lo, dtype=bucket.dtype, device=buffer.data.device)
-        for piece in self.pieces:
-            if piece.bucket is bucket:
-                shard[piece.lo - lo:piece.hi - lo].copy_(piece.master)
-        full = torch.empty(bucket.end - bucket.start, dtype=bucket.dtype, device=shard.device)
-        work = _all_gather_single(full, shard, group=buffer.layout.group, async_op=self.overlap_param_gather)
-        self._gathers[id(bucket)] = _Gather(work, full, shard)
-        if not self.overlap_param_gather:
-            self._finish_gather(buffer, bucket)
+        own = storage[lo - bucket.start:hi - bucket.start]
+        work = _all_gather_single(storage, own, group=buffer.layout.group, async_op=self.overlap_param_gather)
+        if self.overlap_param_gather:
+            self._gathers[id(bucket)] = work
 
     def _finish_gather(self, buffer: GradBuffer, bucket: Bucket) -> None:
-        gather = self._gathers.pop(id(bucket))
-        if gather.work is not None:
-            gather.work.wait()
-        for p in bucket.params:
-            start = buffer.layout.offsets[id(p)] - bucket.start
-            p.detach().copy_(gather.full[start:start + p.numel()].view_as(p))
+        self._gathers.pop(id(bucket)).wait()
 
     def finish_param_sync(self) -> None:
         """Complete every pending parameter all-gather (before reading weights outside a forward:
