@@ -133,9 +133,30 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
         logger.close()
 
 
-# How gloo / NCCL report a dead or hung peer when the error is not a DistError subclass.
-_PEER_FAILURE_MARKS = ("Connection reset by peer", "Connection closed by peer", "Timed out", "timed out",
-                       "NCCL", "gloo/transport")
+# How gloo / NCCL say that a peer is gone (connection lost) or did not answer in time.
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Connection refused", "gloo/transport",
+              "remote process exited", "ncclRemoteError", "remote peer")
+_TIMED_OUT = ("Timed out", "timed out", "Watchdog caught collective operation timeout")
+_ABORTED = ("communicator was aborted", "is aborted", "ncclCommAbort")  # NCCL's watchdog acted
+
+
+def describe_distributed_failure(error: BaseException, rank: int, timeout_minutes: float) -> str | None:
+    """One line saying what went wrong between ranks, or None when ``error`` is not a distributed
+    failure (then it is re-raised as it is). A timeout or lost connection means a peer died or hung;
+    any other backend error (e.g. an NCCL CUDA failure on this rank) is reported as what it is."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    if any(mark in text for mark in _TIMED_OUT):
+        return (f"rank {rank} lost the job: a peer did not answer within --distributed-timeout-minutes "
+                f"{timeout_minutes} (it died or hangs): {first}")
+    if any(mark in text for mark in _PEER_LOST):
+        return f"rank {rank} lost the job: a peer rank died (connection lost): {first}"
+    if any(mark in text for mark in _ABORTED):
+        return (f"rank {rank} lost the job: NCCL's watchdog aborted the communicators after a collective "
+                f"timed out or failed (its message is above): {first}")
+    if isinstance(error, dist.DistError):
+        return f"rank {rank}: distributed backend error ({type(error).__name__}): {first}"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
+    # NCCL: on a timeout or async error the watchdog aborts the communicators and the next wait raises
+    # in Python (2 = CleanUpOnly), instead of killing the process before it can say what happened.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     backend = init_distributed(info, cfg.parallel.distributed_backend,
                                cfg.parallel.distributed_timeout_minutes)
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else \
@@ -158,16 +182,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", flush=True)
         return 2
-    except RuntimeError as e:  # a peer died or hung: say so in one line (traceback on stderr)
-        if not (isinstance(e, dist.DistError) or any(m in str(e) for m in _PEER_FAILURE_MARKS)):
+    except RuntimeError as e:  # say what happened between ranks in one line (traceback on stderr)
+        message = describe_distributed_failure(e, info.rank, cfg.parallel.distributed_timeout_minutes)
+        if message is None:
             raise
         import traceback
 
         traceback.print_exc()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        limit = cfg.parallel.distributed_timeout_minutes
-        print(f"error: rank {info.rank} lost the job (a peer rank died or hung past "
-              f"--distributed-timeout-minutes {limit}): {first}", flush=True)
+        print(f"error: {message}", flush=True)
         return 1
     finally:
         if dist.is_initialized():

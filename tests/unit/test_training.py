@@ -112,3 +112,27 @@ def test_console_line_shows_pipeline_idle_and_all_to_all_only_when_present():
     line = format_line(dict(rec, pp_idle_frac=0.25, a2a_bytes_intra=2**20, a2a_bytes_inter=0,
                             a2a_msgs_intra=4, a2a_msgs_inter=0), 10)
     assert "pipeline idle: 25.0%" in line and "a2a sent intra/inter: 1.00/0.00 MiB in 4/0 msgs" in line
+
+
+@pytest.mark.parametrize("error, expected", [
+    (RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234"),
+     "rank 3 lost the job: a peer rank died (connection lost)"),
+    (RuntimeError("[Rank 3] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, "
+                  "OpType=ALLREDUCE) ran for 600000 milliseconds before timing out."),
+     "rank 3 lost the job: a peer did not answer within --distributed-timeout-minutes 10.0"),
+    (RuntimeError("NCCL communicator was aborted on rank 3."),
+     "rank 3 lost the job: NCCL's watchdog aborted the communicators"),
+    (torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error "
+                                        "(run with NCCL_DEBUG=INFO for details), NCCL version 2.21.5"),
+     "rank 3: distributed backend error (DistBackendError): NCCL error in"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (NCCL buffers)"), None),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), None),
+])
+def test_distributed_failures_are_reported_as_what_they_are(error, expected):
+    from megamoe.training.run import describe_distributed_failure
+
+    message = describe_distributed_failure(error, 3, 10.0)
+    if expected is None:
+        assert message is None  # not a distributed failure: re-raised as it is
+    else:
+        assert message.startswith(expected) and "\n" not in message
