@@ -46,6 +46,10 @@ class ModelConfig:
     norm_epsilon: float = flag("RMSNorm epsilon", 1e-6)
     rotary_base: float = flag("rotary embedding base (theta)", 10000.0)
     init_method_std: float = flag("standard deviation of the normal weight init", 0.02)
+    init_method: str = flag("weight initialisation: normal = N(0, --init-method-std) with Megatron's "
+                            "1/sqrt(2 x layers) on residual outputs; t5x = OpenMoE's T5X variance scaling "
+                            "(fan-in, scale 0.1, query / sqrt(head width), embedding std 1)", "normal",
+                            choices=("normal", "t5x"))
 
     def validate(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "kv_channels",

@@ -27,12 +27,17 @@ Layout = Literal["tp_split", "replicated", "expert"]
 @dataclass(frozen=True)
 class InitSpec:
     """How to draw a parameter: N(0, std) over the logical ``full_shape`` (None: the local shape),
-    of which this rank keeps ``shard`` (an index tuple; None: all of it); ``ones``: fill with 1."""
+    of which this rank keeps ``shard`` (an index tuple; None: all of it); ``ones``: fill with 1;
+    ``truncated``: T5X's truncated normal (cut at 2 sigma, rescaled to keep ``std``).
+    ``padding_rows``: trailing local rows that are padding, not part of the logical tensor (a vocabulary
+    padded for TP): zero, never saved, never used."""
 
     std: float | None = None
     full_shape: tuple[int, ...] | None = None
     shard: tuple | None = None
     ones: bool = False
+    truncated: bool = False
+    padding_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,10 +55,11 @@ def set_role(param: nn.Parameter, role: ParamRole) -> nn.Parameter:
 
 
 def tp_split(param: nn.Parameter, *, std: float, full_shape: tuple[int, ...], shard: tuple | None,
-             ) -> nn.Parameter:
+             truncated: bool = False, padding_rows: int = 0) -> nn.Parameter:
     """A TP shard (``shard`` None when TP is 1: then the parameter is the whole tensor)."""
     layout: Layout = "tp_split" if shard is not None else "replicated"
-    return set_role(param, ParamRole(layout, InitSpec(std, full_shape, shard)))
+    return set_role(param, ParamRole(layout, InitSpec(std, full_shape, shard, truncated=truncated,
+                                                      padding_rows=padding_rows)))
 
 
 def replicated(param: nn.Parameter, *, std: float | None = None, ones: bool = False,
@@ -63,9 +69,11 @@ def replicated(param: nn.Parameter, *, std: float | None = None, ones: bool = Fa
                                      keep_fp32=keep_fp32))
 
 
-def expert(param: nn.Parameter, *, std: float, expert_ids: list[int]) -> nn.Parameter:
+def expert(param: nn.Parameter, *, std: float, expert_ids: list[int], truncated: bool = False,
+           ) -> nn.Parameter:
     """Stacked weights [E_local, ...] of the logical experts ``expert_ids`` (slot order)."""
-    return set_role(param, ParamRole("expert", InitSpec(std), expert_ids=tuple(expert_ids)))
+    init = InitSpec(std, truncated=truncated)
+    return set_role(param, ParamRole("expert", init, expert_ids=tuple(expert_ids)))
 
 
 def role(param: torch.Tensor) -> ParamRole:

@@ -5,8 +5,6 @@ Shapes use b = micro-batch, s = sequence, h = hidden, n = heads, d = kv_channels
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,14 +64,14 @@ class Attention(nn.Module):
     """
 
     def __init__(self, hidden: int, heads: int, kv_channels: int, std: float, out_std: float,
-                 rotary_base: float, tp: TPContext | None = None) -> None:
+                 rotary_base: float, tp: TPContext | None = None, query_std: float | None = None) -> None:
         super().__init__()
         tp = tp or TPContext()
         if heads % tp.size:
             raise ValueError(f"{heads} attention heads are not divisible by TP {tp.size}")
         self.tp, self.local_heads, self.d, self.rotary_base = tp, heads // tp.size, kv_channels, rotary_base
         inner = heads * kv_channels
-        self.q_proj = ColumnParallelLinear(hidden, inner, tp, std)
+        self.q_proj = ColumnParallelLinear(hidden, inner, tp, std if query_std is None else query_std)
         self.k_proj = ColumnParallelLinear(hidden, inner, tp, std)
         self.v_proj = ColumnParallelLinear(hidden, inner, tp, std)
         self.o_proj = RowParallelLinear(inner, hidden, tp, out_std)
@@ -108,19 +106,16 @@ class GatedMLP(nn.Module):
     """
 
     def __init__(self, hidden: int, ffn: int, std: float, out_std: float, tp: TPContext | None = None,
-                 ) -> None:
+                 truncated: bool = False) -> None:
         super().__init__()
         tp = tp or TPContext()
         self.tp = tp
-        self.gate_proj = ColumnParallelLinear(hidden, 2 * ffn, tp, std, blocks=2)  # [2I/tp, H]
-        self.up_proj = ColumnParallelLinear(hidden, ffn, tp, std)  # [I/tp, H]
-        self.down_proj = RowParallelLinear(ffn, hidden, tp, out_std)  # [H, I/tp]
+        # gate [2I/tp, H], up [I/tp, H], down [H, I/tp]
+        self.gate_proj = ColumnParallelLinear(hidden, 2 * ffn, tp, std, blocks=2, truncated=truncated)
+        self.up_proj = ColumnParallelLinear(hidden, ffn, tp, std, truncated=truncated)
+        self.down_proj = RowParallelLinear(ffn, hidden, tp, out_std, truncated=truncated)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.tp.enter(x)
         return self.down_proj(gated_mul(self.gate_proj(x), self.up_proj(x)))
 
-
-def output_std(std: float, num_layers: int) -> float:
-    """Megatron's scaled init for projections that write into the residual stream."""
-    return std / math.sqrt(2.0 * num_layers)

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from megamoe.config import Config
-from megamoe.model.init import init_model_weights
-from megamoe.model.layers import Attention, GatedMLP, RMSNorm, output_std
+from megamoe.model.init import InitStds, init_model_weights
+from megamoe.model.layers import Attention, GatedMLP, RMSNorm
 from megamoe.moe.dispatcher import EPTopology, ExpertPlacement
 from megamoe.moe.layer import MoELayer, MoEParallel, MoEStats
 from megamoe.parallel.tensor import (
@@ -29,20 +29,21 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: Config, layer: int, stats: MoEStats, tp: TPContext, moe_par: MoEParallel,
                  placement: ExpertPlacement | None = None) -> None:
         super().__init__()
-        m = cfg.model
-        std, out_std = m.init_method_std, output_std(m.init_method_std, m.num_layers)
+        m, stds = cfg.model, InitStds.for_model(cfg.model)
         self.is_moe = cfg.moe.is_moe_layer(layer)
         self.input_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
-        self.self_attn = Attention(m.hidden_size, m.num_attention_heads, m.kv_channels, std,
-                                   out_std, m.rotary_base, tp)
+        self.self_attn = Attention(m.hidden_size, m.num_attention_heads, m.kv_channels, stds.key_value,
+                                   stds.attention_out, m.rotary_base, tp, query_std=stds.query)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
         if self.is_moe:
-            self.mlp: nn.Module = MoELayer(layer, m.hidden_size, m.ffn_hidden_size, cfg.moe, std,
-                                           out_std, stats, placement=placement, par=moe_par)
+            self.mlp: nn.Module = MoELayer(layer, m.hidden_size, m.ffn_hidden_size, cfg.moe, stds.mlp_in,
+                                           stds.mlp_out, stats, placement=placement, par=moe_par)
             self.pre_extra_mlp_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
-            self.extra_mlp = GatedMLP(m.hidden_size, m.ffn_hidden_size, std, out_std, tp)
+            self.extra_mlp = GatedMLP(m.hidden_size, m.ffn_hidden_size, stds.mlp_in, stds.mlp_out, tp,
+                                      truncated=stds.truncated)
         else:
-            self.mlp = GatedMLP(m.hidden_size, m.ffn_hidden_size, std, out_std, tp)
+            self.mlp = GatedMLP(m.hidden_size, m.ffn_hidden_size, stds.mlp_in, stds.mlp_out, tp,
+                                truncated=stds.truncated)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, h]
         x = x + self.self_attn(self.input_layernorm(x))
@@ -83,18 +84,20 @@ class OpenMoEModel(nn.Module):
         self.pre_process, self.post_process = pre_process, post_process
         moe_par = MoEParallel(tp=self.tp, ep=ep or EPTopology.single(),
                               tp_dedup=cfg.parallel.moe_tp_dedup, chunks=cfg.parallel.moe_alltoall_chunks)
-        self.vocab_size = m.padded_vocab_size(self.tp.size)
+        self.vocab_size = m.padded_vocab_size(self.tp.size)  # rows past m.vocab_size are padding
+        stds = InitStds.for_model(m)
         self.layer_range = layers if layers is not None else range(m.num_layers)
         self.moe_stats = stats or MoEStats()
         if pre_process:
             self.embed_tokens = VocabParallelEmbedding(self.vocab_size, m.hidden_size, self.tp,
-                                                       m.init_method_std)
+                                                       stds.embedding, logical_vocab=m.vocab_size)
         self.layers = LayerStack({str(i): DecoderLayer(cfg, i, self.moe_stats, self.tp, moe_par, placement)
                                   for i in self.layer_range})
         if post_process:
             self.norm = RMSNorm(m.hidden_size, m.norm_epsilon)
             # untied LM head, split by vocabulary rows: logits stay [b, s, V/tp]
-            self.lm_head = ColumnParallelLinear(m.hidden_size, self.vocab_size, self.tp, m.init_method_std)
+            self.lm_head = ColumnParallelLinear(m.hidden_size, self.vocab_size, self.tp, stds.lm_head,
+                                                truncated=stds.truncated, logical_out=m.vocab_size)
 
     def init_weights(self, seed: int) -> None:
         init_model_weights(self, seed)
@@ -114,8 +117,9 @@ class OpenMoEModel(nn.Module):
     def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor,
                 loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over the (unmasked) tokens of this micro-batch, fp32."""
-        per_token = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 self.tp, self.tp.shard_range(self.vocab_size).start)
+        per_token, _ = vocab_parallel_cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), self.tp,
+            self.tp.shard_range(self.vocab_size).start, self.cfg.model.vocab_size)
         if loss_mask is None:
             return per_token.mean()
         mask = loss_mask.reshape(-1).float()

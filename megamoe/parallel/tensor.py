@@ -58,17 +58,33 @@ def _block_rows(n: int, blocks: int, tp: TPContext) -> torch.Tensor:
                       for b in range(blocks)])
 
 
+def _padded_rows_role(param: nn.Parameter, rows: torch.Tensor, logical_rows: int, width: int, std: float,
+                      truncated: bool = False) -> nn.Parameter:
+    """Role of a weight holding ``rows`` of a [padded, width] tensor whose first ``logical_rows`` rows
+    are the real ones (a vocabulary padded for TP): the rows past them are padding, kept out of
+    initialisation draws and checkpoints so neither depends on the padding, i.e. on TP."""
+    valid = rows[rows < logical_rows]
+    return tp_split(param, std=std, full_shape=(logical_rows, width), shard=(valid,),
+                    truncated=truncated, padding_rows=len(rows) - len(valid))
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W [out, in] split by output rows. Input must already be entered (TPContext.enter);
-    output [.., out/tp] stays split. ``blocks``: number of fused equal output blocks."""
+    output [.., out/tp] stays split. ``blocks``: number of fused equal output blocks; ``logical_out``:
+    the real output size when ``out_f`` is padded (the LM head over a padded vocabulary)."""
 
-    def __init__(self, in_f: int, out_f: int, tp: TPContext, std: float, blocks: int = 1) -> None:
+    def __init__(self, in_f: int, out_f: int, tp: TPContext, std: float, blocks: int = 1,
+                 truncated: bool = False, logical_out: int | None = None) -> None:
         super().__init__()
         if out_f % (tp.size * blocks):
             raise ValueError(f"output size {out_f} is not divisible by TP {tp.size} x {blocks} blocks")
         rows = _block_rows(out_f, blocks, tp)
-        self.weight = tp_split(nn.Parameter(torch.empty(len(rows), in_f)), std=std, full_shape=(out_f, in_f),
-                               shard=(rows,) if tp.size > 1 else None)
+        weight = nn.Parameter(torch.empty(len(rows), in_f))
+        if logical_out is not None and logical_out < out_f:
+            self.weight = _padded_rows_role(weight, rows, logical_out, in_f, std, truncated)
+        else:
+            self.weight = tp_split(weight, std=std, full_shape=(out_f, in_f), truncated=truncated,
+                                   shard=(rows,) if tp.size > 1 else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.t()
@@ -77,14 +93,15 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = exit(x_local W_local^T) with W [out, in] split by input columns; x [.., in/tp]."""
 
-    def __init__(self, in_f: int, out_f: int, tp: TPContext, std: float) -> None:
+    def __init__(self, in_f: int, out_f: int, tp: TPContext, std: float, truncated: bool = False) -> None:
         super().__init__()
         if in_f % tp.size:
             raise ValueError(f"input size {in_f} is not divisible by TP {tp.size}")
         self.tp = tp
         cols = tp.shard_range(in_f)
         self.weight = tp_split(nn.Parameter(torch.empty(out_f, cols.stop - cols.start)), std=std,
-                               full_shape=(out_f, in_f), shard=(slice(None), cols) if tp.size > 1 else None)
+                               full_shape=(out_f, in_f), shard=(slice(None), cols) if tp.size > 1 else None,
+                               truncated=truncated)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.exit(x @ self.weight.t())
@@ -94,13 +111,19 @@ class VocabParallelEmbedding(nn.Module):
     """Embedding with the (padded) vocabulary split across TP; out-of-shard tokens contribute 0 and
     the partial embeddings are summed (or reduce-scattered along the sequence under SP)."""
 
-    def __init__(self, vocab: int, hidden: int, tp: TPContext, std: float) -> None:
+    def __init__(self, vocab: int, hidden: int, tp: TPContext, std: float, logical_vocab: int | None = None,
+                 ) -> None:
         super().__init__()
         self.tp = tp
         rows = tp.shard_range(vocab)
         self.vocab_start, self.vocab_end = rows.start, rows.stop
-        self.weight = tp_split(nn.Parameter(torch.empty(rows.stop - rows.start, hidden)), std=std,
-                               full_shape=(vocab, hidden), shard=(rows,) if tp.size > 1 else None)
+        weight = nn.Parameter(torch.empty(rows.stop - rows.start, hidden))
+        if logical_vocab is not None and logical_vocab < vocab:  # padded rows: never looked up
+            self.weight = _padded_rows_role(weight, torch.arange(rows.start, rows.stop), logical_vocab,
+                                            hidden, std)
+        else:
+            self.weight = tp_split(weight, std=std, full_shape=(vocab, hidden),
+                                   shard=(rows,) if tp.size > 1 else None)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [b, s] -> [b, s(/tp), h]
         if self.tp.size == 1:
@@ -114,46 +137,60 @@ class VocabParallelEmbedding(nn.Module):
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Cross-entropy over vocab-split logits without materialising full-vocab logits on one rank.
 
-    forward: logits [N, V/tp] fp32, target [N] -> per-token loss [N] (3 all-reduces of [N] vectors);
-    backward: softmax - onehot on the local shard.
+    forward: logits [N, V/tp] fp32 (only the first ``valid`` columns are real vocabulary; padding never
+    enters the softmax), target [N] -> per-token loss [N] and logsumexp [N] (for the output z-loss),
+    with 3 all-reduces of [N] vectors; backward: softmax * (g_loss + g_lse) - onehot * g_loss on the
+    local shard, zero on padding columns.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
-                group: ProcessGroup | None) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, vocab_start: int, valid: int,
+                group: ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
         import torch.distributed as dist
 
-        n_local = logits.shape[-1]
-        logits_max = logits.max(dim=-1).values
+        n, n_local = logits.shape
+        real = logits[:, :valid]  # [N, valid]
+        logits_max = real.max(dim=-1).values if valid else real.new_full((n,), float("-inf"))
         if group is not None:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - logits_max.unsqueeze(-1)
-        outside = (target < vocab_start) | (target >= vocab_start + n_local)
+        shifted = real - logits_max.unsqueeze(-1)
+        outside = (target < vocab_start) | (target >= vocab_start + valid)
         local_t = (target - vocab_start).masked_fill(outside, 0)
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        target_logit = shifted[rows, local_t].masked_fill(outside, 0.0)
+        rows = torch.arange(n, device=logits.device)
+        target_logit = shifted[rows, local_t] if valid else shifted.new_zeros(n)
+        target_logit = target_logit.masked_fill(outside, 0.0)
         exp = shifted.exp()
         sum_exp = exp.sum(dim=-1)
         if group is not None:
             stacked = torch.stack([target_logit, sum_exp])  # one all-reduce for both
             dist.all_reduce(stacked, group=group)
             target_logit, sum_exp = stacked[0], stacked[1]
-        loss = sum_exp.log() - target_logit
+        log_sum = sum_exp.log()
+        ctx.n_local = n_local
         ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local_t, outside)
-        return loss
+        return log_sum - target_logit, log_sum + logits_max
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx, grad_loss: torch.Tensor, grad_lse: torch.Tensor,
+                 ) -> tuple[torch.Tensor, None, None, None, None]:
         softmax, local_t, outside = ctx.saved_tensors
-        rows = torch.arange(softmax.shape[0], device=softmax.device)
-        g = softmax.clone()
-        g[rows, local_t] -= (~outside).to(g.dtype)
-        return g * grad.unsqueeze(-1), None, None, None
+        n, valid = softmax.shape
+        grad = softmax.mul_((grad_loss + grad_lse).unsqueeze(-1))
+        if valid:
+            rows = torch.arange(n, device=softmax.device)
+            grad[rows, local_t] -= (~outside).to(grad.dtype) * grad_loss
+        if valid < ctx.n_local:  # padding columns: no gradient
+            grad = torch.cat([grad, grad.new_zeros(n, ctx.n_local - valid)], dim=-1)
+        return grad, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp: TPContext,
-                                 vocab_start: int) -> torch.Tensor:
-    """logits [N, V/tp] (any float dtype, computed in fp32), target [N] -> per-token loss [N]."""
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp: TPContext, vocab_start: int,
+                                 vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, V_padded/tp] (any float dtype, computed in fp32), target [N] -> per-token loss [N] and
+    logsumexp [N] over the ``vocab_size`` real columns (padding never enters the softmax)."""
+    valid = max(0, min(logits.shape[-1], vocab_size - vocab_start))
     if tp.size == 1:
-        return nn.functional.cross_entropy(logits.float(), target, reduction="none")
-    return _VocabParallelCrossEntropy.apply(logits.float(), target, vocab_start, tp.group)
+        real = logits[..., :valid].float()
+        lse = torch.logsumexp(real, dim=-1)
+        return lse - real.gather(-1, target.unsqueeze(-1)).squeeze(-1), lse
+    return _VocabParallelCrossEntropy.apply(logits.float(), target, vocab_start, valid, tp.group)

@@ -84,7 +84,7 @@ def param_pieces(name: str, p: torch.Tensor) -> list[Piece]:
         shape = tuple(p.shape[1:])
         return [Piece(f"{head}.{gid}.{leaf}", shape, (0,) * len(shape), shape, (slot,))
                 for slot, gid in enumerate(spec.expert_ids)]
-    full = tuple(spec.init.full_shape or p.shape)
+    full = tuple(spec.init.full_shape or p.shape)  # the logical tensor: padding rows are not part of it
     shard = spec.init.shard
     if shard is None:
         return [Piece(name, full, (0,) * len(full), full, ())]

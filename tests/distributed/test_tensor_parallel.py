@@ -89,7 +89,7 @@ def _check_embedding_and_ce(rank, world, sp):
     w = torch.rand(10)
     (loss_ref * w).sum().backward()
     local = logits[:, mod.vocab_start:mod.vocab_end].clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(local, target, tp, mod.vocab_start)
+    loss, _ = vocab_parallel_cross_entropy(local, target, tp, mod.vocab_start, V)
     (loss * w).sum().backward()
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(local.grad, full.grad[:, mod.vocab_start:mod.vocab_end])
