@@ -22,6 +22,7 @@ from megamoe.moe.exchange import (
     pipelined_exchange,
     run_plan,
 )
+from megamoe.moe.experts import GroupedExperts
 from megamoe.moe.router import Routing
 from megamoe.parallel.comm import all_gather_rows, gather_from_sequence, scatter_to_sequence
 from megamoe.parallel.tensor import TPContext
@@ -29,8 +30,8 @@ from megamoe.parallel.tensor import TPContext
 if TYPE_CHECKING:
     from megamoe.moe.layer import MoEStats
 
-__all__ = ["ChunkPlan", "CommCounters", "DispatchState", "EPTopology", "ExpertPlacement", "MoEParallel",
-           "Permutation", "TokenDispatcher", "permute", "unpermute"]
+__all__ = ["ChunkPlan", "CommCounters", "DispatchState", "EPTopology", "ExpertPlacement", "ExpertSort",
+           "MoEParallel", "Permutation", "TokenDispatcher", "permute", "sort_by_expert", "unpermute"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class ExpertPlacement:
     rank_of: tuple[int, ...]
     slot_of: tuple[int, ...]
     ep_size: int
+    # order_key per device, built once: a host-to-device copy every forward would block the host
+    _order_keys: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False, repr=False,
+                                                          compare=False, hash=False)
 
     @staticmethod
     def contiguous(num_experts: int, ep_size: int = 1) -> ExpertPlacement:
@@ -73,10 +77,16 @@ class ExpertPlacement:
         held = [(self.slot_of[e], e) for e in range(self.num_experts) if self.rank_of[e] == ep_rank]
         return [e for _, e in sorted(held)]
 
-    def order_key(self) -> torch.Tensor:
-        """[E] sort key of each logical expert: (rank, slot) flattened, i.e. its dispatch position."""
-        return torch.tensor([self.rank_of[e] * self.num_local_experts + self.slot_of[e]
-                             for e in range(self.num_experts)])
+    def order_key(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[E] sort key of each logical expert: (rank, slot) flattened, i.e. its dispatch position.
+        Cached per device (read-only: callers index it, never write it)."""
+        device = torch.device(device)
+        key = self._order_keys.get(device)
+        if key is None:
+            key = torch.tensor([self.rank_of[e] * self.num_local_experts + self.slot_of[e]
+                                for e in range(self.num_experts)], device=device)
+            self._order_keys[device] = key
+        return key
 
 
 @dataclass(frozen=True)
@@ -92,19 +102,49 @@ class Permutation:
     counts: torch.Tensor
 
 
-def permute(x: torch.Tensor, routing: Routing, placement: ExpertPlacement,
-            ) -> tuple[torch.Tensor, Permutation]:
-    """x: [T, H] -> rows [N, H] sorted by dispatch position of their expert (N = kept assignments)."""
-    num_tokens, topk = routing.expert_ids.shape
-    keep = routing.keep.reshape(-1)  # [T*k], token-major
-    experts = routing.expert_ids.reshape(-1)[keep]  # [N]
-    tokens = torch.arange(num_tokens, device=x.device).repeat_interleave(topk)[keep]  # [N]
-    weights = routing.combine.reshape(-1)[keep]  # [N]
-    key = placement.order_key().to(x.device)[experts]  # [N] dispatch position
+@dataclass(frozen=True)
+class ExpertSort:
+    """The device half of a permutation, computed without any host sync.
+
+    order: [T*k] the (token, choice) assignments (flat token-major index) sorted by the dispatch
+    position of their expert, stably (token order within an expert), the dropped ones last;
+    counts: [E] kept assignments per dispatch position. The first ``counts.sum()`` entries of
+    ``order`` are the rows to dispatch; that number is only needed on the host once per layer.
+    """
+
+    order: torch.Tensor
+    counts: torch.Tensor
+
+
+def sort_by_expert(routing: Routing, placement: ExpertPlacement) -> ExpertSort:
+    """Sort a routing's assignments by dispatch position, on the device (no data-dependent shapes:
+    dropped assignments get the key E, after every expert, instead of being masked out)."""
+    num_experts = placement.num_experts
+    experts = routing.expert_ids.reshape(-1)  # [T*k], token-major
+    key = placement.order_key(experts.device)[experts]  # [T*k] dispatch position
+    key = key.masked_fill(~routing.keep.reshape(-1), num_experts)  # dropped: sorted last
     order = torch.argsort(key, stable=True)  # stable: token order within an expert
-    counts = torch.bincount(key, minlength=placement.num_experts)  # [E]
-    token_idx = tokens[order]
-    return x[token_idx], Permutation(token_idx=token_idx, weight=weights[order], counts=counts)
+    # scatter_add, not bincount: bincount reads min and max back to the host on CUDA
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=key.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    return ExpertSort(order=order, counts=counts[:num_experts])
+
+
+def permute(x: torch.Tensor, routing: Routing, placement: ExpertPlacement,
+            sort: ExpertSort | None = None, num_rows: int | None = None,
+            ) -> tuple[torch.Tensor, Permutation]:
+    """x: [T, H] -> rows [N, H] sorted by dispatch position of their expert (N = kept assignments).
+
+    ``sort``: :func:`sort_by_expert` of ``routing``, if already computed; ``num_rows``: N when the
+    caller knows it on the host (the dispatcher does); otherwise it is read from the device here
+    (one host sync)."""
+    sort = sort or sort_by_expert(routing, placement)
+    if num_rows is None:
+        num_rows = int(sort.counts.sum())
+    kept = sort.order[:num_rows]  # [N] flat (token, choice) index, grouped by expert
+    token_idx = torch.div(kept, routing.expert_ids.shape[1], rounding_mode="floor")  # [N]
+    weight = routing.combine.reshape(-1)[kept]  # [N]
+    return x[token_idx], Permutation(token_idx=token_idx, weight=weight, counts=sort.counts)
 
 
 def unpermute(y: torch.Tensor, perm: Permutation, num_tokens: int) -> torch.Tensor:
@@ -134,7 +174,8 @@ class ChunkPlan:
     """One chunk of the dispatched tokens: rows ``lo:hi`` of the (TP-shared) input.
 
     perm: how its rows were sorted by expert; steps: its exchange plan (empty without EP);
-    received: [EP, E_local] rows this rank's experts get from each source EP rank, per local slot.
+    received: [EP, E_local] rows this rank's experts get from each source EP rank, per local slot
+    (on the device); received_sizes: the same numbers on the host.
     """
 
     lo: int
@@ -142,11 +183,12 @@ class ChunkPlan:
     perm: Permutation
     steps: tuple[ExchangeStep, ...]
     received: torch.Tensor
+    received_sizes: tuple[tuple[int, ...], ...]
 
     @property
     def num_received(self) -> int:
         """Rows this rank's experts get from the chunk (known on the host)."""
-        return sum(self.steps[-1].recv_splits) if self.steps else self.perm.token_idx.shape[0]
+        return sum(map(sum, self.received_sizes))
 
 
 @dataclass(frozen=True)
@@ -155,23 +197,46 @@ class DispatchState:
 
     chunks: the per-chunk plans, in token order (their token ranges cover this rank's tokens, or its
     1/TP share under TP-dedup); expert_order: [N_local] for each position of the expert-grouped
-    rows, its row among the received ones (ordered chunk, source, slot); None when they coincide.
+    rows, its row among the received ones (ordered chunk, source, slot); None when they coincide;
+    expert_sizes: rows per local expert, on the host (what a per-expert GEMM loop needs).
     """
 
     chunks: tuple[ChunkPlan, ...]
     expert_order: torch.Tensor | None
+    expert_sizes: list[int]
 
 
-def _group_by_expert(received: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Rows received per chunk as [EP, E_local] counts (rows ordered chunk, source, slot) -> the
-    order that groups them by local expert ([N_local], None if already grouped) and counts [E_local]."""
+def _host_counts(counts: torch.Tensor) -> list:
+    """THE device-to-host copy of an MoE layer forward (one host sync): every chunk's per-expert row
+    counts of every EP rank at once, [EP, chunks, E] -> nested lists. The host needs them for the
+    all-to-all split sizes and for the row counts that size everything after the routing."""
+    return counts.tolist()
+
+
+def _group_by_expert(chunks: list[ChunkPlan]) -> tuple[torch.Tensor | None, torch.Tensor, list[int]]:
+    """Rows received from ``chunks`` (ordered chunk, source, slot) -> the order that groups them by
+    local expert ([N_local], None if already grouped), counts [E_local] on the device and on the host.
+    No host sync: the number of rows is known on the host."""
+    received = [chunk.received for chunk in chunks]  # [EP, E_local] each
     counts = torch.stack(received).sum((0, 1))  # [E_local]
-    if len(received) == 1 and received[0].shape[0] == 1:  # one chunk from one source: slot order
-        return None, counts
+    rows_per_slot = [row for chunk in chunks for row in chunk.received_sizes]  # [chunks*EP][E_local]
+    sizes = [sum(column) for column in zip(*rows_per_slot)]
+    if len(rows_per_slot) == 1:  # one chunk from one source: already in slot order
+        return None, counts, sizes
     num_sources, num_local = received[0].shape
     slots = torch.arange(num_local, device=counts.device).repeat(num_sources * len(received))
-    slot_of_row = slots.repeat_interleave(torch.cat(received).reshape(-1))  # [N_local]
-    return torch.argsort(slot_of_row, stable=True), counts
+    slot_of_row = slots.repeat_interleave(torch.cat(received).reshape(-1),
+                                          output_size=sum(sizes))  # [N_local]; size given: no sync
+    return torch.argsort(slot_of_row, stable=True), counts, sizes
+
+
+def _run_experts(experts: nn.Module, rows: torch.Tensor, counts: torch.Tensor, sizes: list[int],
+                 ) -> torch.Tensor:
+    """experts(rows, counts); GroupedExperts also gets the host sizes (its per-expert GEMM loop would
+    otherwise read ``counts`` back, a host sync). Other modules keep the two-argument contract."""
+    if isinstance(experts, GroupedExperts):
+        return experts(rows, counts, sizes)
+    return experts(rows, counts)
 
 
 class TokenDispatcher:
@@ -213,9 +278,9 @@ class TokenDispatcher:
         counts [E_local], state). Forward: all-to-all(s) out; backward: the mirrored all-to-all(s)."""
         chunks, rows = self._plan(*self._tp_share(x, routing))
         received = [run_plan(chunk_rows, list(chunk.steps)) for chunk_rows, chunk in zip(rows, chunks)]
-        order, counts = _group_by_expert([chunk.received for chunk in chunks])
+        order, counts, sizes = _group_by_expert(chunks)
         received_rows = received[0] if len(received) == 1 else torch.cat(received)  # [N_local, H]
-        state = DispatchState(chunks=tuple(chunks), expert_order=order)
+        state = DispatchState(chunks=tuple(chunks), expert_order=order, expert_sizes=sizes)
         return received_rows if order is None else received_rows[order], counts, state
 
     def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
@@ -235,15 +300,15 @@ class TokenDispatcher:
         Without anything to pipeline, simply dispatch -> experts -> combine."""
         if not self.pipelined:
             rows, counts, state = self.dispatch(x, routing)
-            return self.combine(experts(rows, counts), state)
+            return self.combine(_run_experts(experts, rows, counts, state.expert_sizes), state)
         chunks, rows = self._plan(*self._tp_share(x, routing))
 
         def chunk_experts(i: int, received: torch.Tensor) -> torch.Tensor:
             """Chunk i's received rows [N_i, H], ordered (source, slot) -> outputs, same order."""
-            order, counts = _group_by_expert([chunks[i].received])
+            order, counts, sizes = _group_by_expert([chunks[i]])
             if order is None:
-                return experts(received, counts)
-            return experts(received[order], counts)[torch.argsort(order)]
+                return _run_experts(experts, received, counts, sizes)
+            return _run_experts(experts, received[order], counts, sizes)[torch.argsort(order)]
 
         params = [p for p in experts.parameters() if p.requires_grad]
         ys = pipelined_exchange(rows, [chunk.steps[0] for chunk in chunks], chunk_experts, params)
@@ -269,27 +334,37 @@ class TokenDispatcher:
 
     def _plan(self, x: torch.Tensor, routing: Routing) -> tuple[list[ChunkPlan], list[torch.Tensor]]:
         """Split x [T, H] into K token chunks (1 without EP), permute each by expert and plan its
-        exchange; counts the traffic. Returns the plans and each chunk's rows [N_i, H]."""
-        num_tokens, ep = x.shape[0], self.topo.size
+        exchange; counts the traffic. Returns the plans and each chunk's rows [N_i, H].
+
+        One host sync for all chunks: every chunk is sorted on the device, their per-expert counts
+        are all-gathered over EP on the device, and :func:`_host_counts` copies the lot to the host."""
+        num_tokens, ep, me = x.shape[0], self.topo.size, self.topo.index
         num_chunks = self.par.chunks if ep > 1 else 1  # chunks only serve to overlap the exchange
         size = max(-(-num_tokens // num_chunks), 1)  # ceil: torch.chunk's split
         bounds = [(lo, min(lo + size, num_tokens)) for lo in range(0, max(num_tokens, 1), size)]
-        permuted = [permute(x[lo:hi], routing if hi - lo == num_tokens else routing.select(slice(lo, hi)),
-                            self.placement) for lo, hi in bounds]
+        routings = [routing if hi - lo == num_tokens else routing.select(slice(lo, hi)) for lo, hi in bounds]
+        sorts = [sort_by_expert(r, self.placement) for r in routings]
+        # every[source, chunk, dispatch position]: rows each EP rank sends (one all-gather, one copy)
+        every = all_gather_rows(torch.stack([s.counts for s in sorts]), self.topo.group)  # [EP, K, E]
+        host = _host_counts(every)  # [EP][K][E]
         num_local = self.placement.num_local_experts
-        if ep == 1:
-            return [ChunkPlan(lo, hi, perm, (), perm.counts.view(1, num_local))
-                    for (lo, hi), (_, perm) in zip(bounds, permuted)], [rows for rows, _ in permuted]
-        # every[source, chunk, destination, slot]: rows each source sends (one all-gather for all chunks)
-        every = all_gather_rows(torch.stack([perm.counts for _, perm in permuted]), self.topo.group)
-        every = every.view(ep, len(bounds), ep, num_local)
-        blocks = every.sum(-1).tolist()  # [source][chunk][destination]
+
+        def to_rank(src: int, c: int, dst: int) -> list[int]:
+            """Rows ``src`` sends to EP rank ``dst`` in chunk c, per slot of ``dst`` (host)."""
+            return host[src][c][dst * num_local:(dst + 1) * num_local]
+
         counters, row_bytes = self.stats.live_comm, x.shape[-1] * x.element_size()
-        chunks = []
-        for c, ((lo, hi), (_, perm)) in enumerate(zip(bounds, permuted)):
-            steps = exchange_plan([[blocks[src][c][dst] for dst in range(ep)] for src in range(ep)],
-                                  self.topo, x.device)
-            if counters is not None:
-                counters.add_exchange(steps, self.topo, row_bytes)
-            chunks.append(ChunkPlan(lo, hi, perm, tuple(steps), every[:, c, self.topo.index, :]))
-        return chunks, [rows for rows, _ in permuted]
+        chunks, rows = [], []
+        for c, ((lo, hi), r, s) in enumerate(zip(bounds, routings, sorts)):
+            chunk_rows, perm = permute(x[lo:hi], r, self.placement, s, sum(host[me][c]))
+            steps: list[ExchangeStep] = []
+            if ep > 1:
+                steps = exchange_plan([[sum(to_rank(src, c, dst)) for dst in range(ep)]
+                                       for src in range(ep)], self.topo, x.device)
+                if counters is not None:
+                    counters.add_exchange(steps, self.topo, row_bytes)
+            received = every[:, c, me * num_local:(me + 1) * num_local]  # [EP, E_local]
+            chunks.append(ChunkPlan(lo, hi, perm, tuple(steps), received,
+                                    tuple(tuple(to_rank(src, c, me)) for src in range(ep))))
+            rows.append(chunk_rows)
+        return chunks, rows

@@ -108,8 +108,9 @@ def _reorder_blocks(sizes: list[int], order: list[int], device: torch.device) ->
     offsets = [0]
     for n in sizes:
         offsets.append(offsets[-1] + n)
-    parts = [torch.arange(offsets[block], offsets[block + 1]) for block in order]
-    return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)).to(device)
+    # built on the device from host-known bounds: a host-built index copied over would block the host
+    parts = [torch.arange(offsets[block], offsets[block + 1], device=device) for block in order]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
 
 
 def exchange_plan(blocks: list[list[int]], topo: EPTopology, device: torch.device,

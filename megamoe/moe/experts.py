@@ -100,17 +100,18 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, grouped: 
     return _grouped_mm_fn(x, counts, grouped)(x, w)
 
 
-def _grouped_mm_fn(x: torch.Tensor, counts: torch.Tensor, grouped: bool,
+def _grouped_mm_fn(x: torch.Tensor, counts: torch.Tensor, grouped: bool, sizes: list[int] | None = None,
                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(a, w) -> a @ w per group, for rows laid out like ``x`` with ``counts``; the group bounds are
     computed once for all projections of a layer. Under autocast both operands are cast to its dtype,
-    as F.linear would be (neither custom GEMM is on autocast's op lists)."""
+    as F.linear would be (neither custom GEMM is on autocast's op lists). ``sizes``: ``counts`` on the
+    host, when the caller has them (the loop path would otherwise read them back: a host sync)."""
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     if grouped and x.shape[0] > 0 and grouped_mm_supported(x.device, dtype):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return lambda a, w: _GroupedMM.apply(a.to(dtype), w.to(dtype), offs)
-    sizes = counts.tolist()
+    sizes = counts.tolist() if sizes is None else list(sizes)
     if sum(sizes) != x.shape[0]:
         raise ValueError(f"counts sum to {sum(sizes)}, x has {x.shape[0]} rows")
     return lambda a, w: _LoopMM.apply(a.to(dtype), w.to(dtype), sizes)
@@ -133,7 +134,8 @@ class GroupedExperts(nn.Module):
         self.wi_up = expert(nn.Parameter(torch.empty(n, hidden, ffn)), std=std, expert_ids=expert_ids)
         self.wo = expert(nn.Parameter(torch.empty(n, ffn, hidden)), std=out_std, expert_ids=expert_ids)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: [N, H] sorted by local expert, counts: [E_local] -> [N, H]."""
-        mm = _grouped_mm_fn(x, counts, self.grouped)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None = None,
+                ) -> torch.Tensor:
+        """x: [N, H] sorted by local expert, counts: [E_local] (sizes: the same on the host) -> [N, H]."""
+        mm = _grouped_mm_fn(x, counts, self.grouped, sizes)
         return mm(gated_mul(mm(x, self.wi_gate), mm(x, self.wi_up)), self.wo)  # gated_mul: [N, I]

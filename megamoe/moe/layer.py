@@ -31,13 +31,15 @@ class MoEStats:
 
     grad_scale: multiplies the router-loss gradient (1 / number of micro-batches per step).
     aux/z: sums of per-layer loss values (this rank's share: sum over TP under SP for the layer's
-    loss); calls: number of (layer, micro-batch) evaluations;
-    tokens_per_expert: summed assignment counts per MoE layer (load imbalance metric).
+    loss), fp64 scalars on the layer's device (0.0 before the first record): reading them every
+    forward would block the host, so :meth:`step_values` reads everything once per step;
+    calls: number of (layer, micro-batch) evaluations;
+    tokens_per_expert: summed assignment counts per MoE layer (load imbalance metric), on the device.
     """
 
     grad_scale: float = 1.0
-    aux: float = 0.0
-    z: float = 0.0
+    aux: torch.Tensor | float = 0.0
+    z: torch.Tensor | float = 0.0
     calls: int = 0
     tokens_per_expert: dict[int, torch.Tensor] = field(default_factory=dict)
     comm: CommCounters = field(default_factory=CommCounters)
@@ -61,17 +63,32 @@ class MoEStats:
     def record(self, layer: int, aux: torch.Tensor, z: torch.Tensor, counts: torch.Tensor) -> None:
         if self.recomputing:
             return
-        self.aux += float(aux)
-        self.z += float(z)
+        # fp64 sums, as the host floats they replace (same values, bit for bit)
+        self.aux = self.aux + aux.double()
+        self.z = self.z + z.double()
         self.calls += 1
         prev = self.tokens_per_expert.get(layer)
         self.tokens_per_expert[layer] = counts if prev is None else prev + counts
 
+    def _imbalance(self) -> torch.Tensor:
+        """[] fp64 on the device: max over layers of (max expert load / mean expert load)."""
+        return torch.stack([c.max().double() / c.float().mean().double().clamp_min(1e-9)
+                            for c in self.tokens_per_expert.values()]).max()
+
+    def step_values(self) -> tuple[float, float, float]:
+        """(aux sum, z sum, load imbalance) of the step so far, read in one device-to-host copy;
+        zeros when no MoE layer ran. Imbalance: max over layers of max / mean expert load (1.0 is
+        perfect balance)."""
+        if not self.tokens_per_expert:
+            return float(self.aux), float(self.z), 0.0
+        aux, z, imbalance = torch.stack([torch.as_tensor(self.aux, dtype=torch.float64),
+                                         torch.as_tensor(self.z, dtype=torch.float64),
+                                         self._imbalance()]).tolist()
+        return aux, z, imbalance
+
     def imbalance(self) -> float:
         """max over layers of (max expert load / mean expert load); 1.0 is perfect balance."""
-        vals = [float(c.max()) / max(float(c.float().mean()), 1e-9)
-                for c in self.tokens_per_expert.values()]
-        return max(vals) if vals else 0.0
+        return self.step_values()[2]
 
 
 class _Recomputing:
@@ -153,7 +170,7 @@ class MoELayer(nn.Module):
             out = self.dispatcher.pipeline(xt, routing, self.experts)
         else:
             rows, counts, state = self.dispatcher.dispatch(xt, routing)  # [N_local, H], [E_local]
-            out = self.dispatcher.combine(self.experts(rows, counts), state)  # [T, H]
+            out = self.dispatcher.combine(self.experts(rows, counts, state.expert_sizes), state)  # [T, H]
         out = out.view(b, s, h)
         self.stats.record(self.layer, routing.aux_loss.detach(), routing.z_loss.detach(),
                           routing.tokens_per_expert.detach())

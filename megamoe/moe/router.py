@@ -67,7 +67,9 @@ def capacity_keep_mask(expert_ids: torch.Tensor, num_experts: int, capacity: int
     t, k = expert_ids.shape
     # Priority order = k-major, then token: [k, T] flattened.
     order = expert_ids.t().reshape(-1)  # [k*T]
-    onehot = torch.nn.functional.one_hot(order, num_experts)  # [k*T, E]
+    # one_hot by hand (what F.one_hot does on CUDA): on CPU F.one_hot reads min/max back first
+    onehot = torch.zeros(order.shape[0], num_experts, dtype=torch.int64, device=order.device)
+    onehot.scatter_(1, order.unsqueeze(1), 1)  # [k*T, E]
     position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # slot taken in its expert's buffer
     return (position < capacity).view(k, t).t()
 
@@ -90,7 +92,11 @@ def route(logits: torch.Tensor, topk: int, capacity: int | None,
     else:
         keep = capacity_keep_mask(expert_ids, num_experts, capacity)
     combine = top_probs * keep  # un-renormalised, dropped -> 0
-    counts = torch.bincount(expert_ids.reshape(-1), minlength=num_experts)  # top-k ids are distinct
+    # [E] assignments per expert (top-k ids of a token are distinct); scatter_add, not bincount,
+    # whose CUDA kernel reads min and max back to the host
+    flat_ids = expert_ids.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=logits.device)
+    counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
     if count_reduce is not None:
         counts = count_reduce(counts)
     fraction = counts.to(probs.dtype) / total

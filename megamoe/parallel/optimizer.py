@@ -161,7 +161,11 @@ class DistributedOptimizer:
             param = piece.param
             kind = "expert" if is_expert(param) else "tp_split" if is_tp_split(param) else "replicated"
             kinds[kind].append(piece.master.grad)
-        squares = {kind: _sum_of_squares(grads) for kind, grads in kinds.items()}
+        device = next((g.device for grads in kinds.values() for g in grads), torch.device("cpu"))
+        # one device-to-host copy for the whole norm: the three fp64 partial sums come over together
+        # (the reductions below run on the host, over gloo, in fp64 as before)
+        squares = dict(zip(kinds, torch.stack([_sum_of_squares(grads, device)
+                                               for grads in kinds.values()]).cpu().unbind()))
         for buffer in self.buffers:  # owned parts -> the whole group
             if buffer.sharded and buffer.layout.group is not None:
                 names = ("expert",) if buffer.layout.name == "expert" else ("tp_split", "replicated")
@@ -321,12 +325,13 @@ class DistributedOptimizer:
                         "exp_avg_sq": saved["exp_avg_sq"].reshape(-1)[part].to(device, copy=True)}
 
 
-def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of squared entries of ``grads``, in fp64 (0 for none)."""
+def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of squared entries of ``grads``, a [] fp64 tensor on ``device`` (0 for none); left on the
+    device so that the caller copies all kinds to the host at once."""
     if not grads:
-        return torch.zeros((), dtype=torch.float64)
+        return torch.zeros((), dtype=torch.float64, device=device)
     norms = torch._foreach_norm(grads, 2, dtype=torch.float64)  # fp64: the same whatever the sharding
-    return torch.stack(norms).pow(2).sum().cpu()
+    return torch.stack(norms).pow(2).sum()
 
 
 def clip_coefficient(total_norm: float, max_norm: float) -> float:

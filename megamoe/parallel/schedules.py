@@ -16,10 +16,61 @@ from torch import nn
 from megamoe.parallel.pipeline import P2P, backward_through, deallocate_output
 
 
+class ComputeClock:
+    """Forward/backward compute time and the schedule's span, for the pipeline idle share.
+
+    On CPU the host clock is right: kernels and gloo block the host. On CUDA kernels run
+    asynchronously and NCCL waits are stream waits, so the host time of a forward says nothing:
+    CUDA events on the current stream bracket each compute region and the whole schedule, and are
+    read once, after the step (one host sync, when the step is over anyway).
+    """
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.host_s = 0.0
+        self.regions: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.span: list = [None, None]  # schedule start / end: perf_counter seconds or CUDA events
+
+    def mark(self) -> float | torch.cuda.Event:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def add(self, start: float | torch.cuda.Event) -> None:
+        """Close a compute region opened by ``mark()``."""
+        end = self.mark()
+        if self.cuda:
+            self.regions.append((start, end))
+        else:
+            self.host_s += end - start
+
+    def compute_s(self) -> float:
+        if not self.cuda:
+            return self.host_s
+        if self.regions:
+            self.regions[-1][1].synchronize()
+        return sum(start.elapsed_time(end) for start, end in self.regions) / 1e3
+
+    def span_s(self) -> float:
+        start, end = self.span
+        if start is None or end is None:
+            return 0.0
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
 @dataclass
 class StepContext:
     """What a schedule needs: the model chunks of this rank (chunk c = virtual stage c*pp + rank),
-    the micro-batches, the p2p channel, and where to put the results."""
+    the micro-batches, the p2p channel, and where to put the results.
+
+    The last stage's per-micro-batch LM losses stay on the device (``float(loss)`` per micro-batch
+    would block the host before the next forward could be queued); :attr:`losses` reads them all at
+    once. Compute time: :class:`ComputeClock` (CUDA events on a GPU)."""
 
     chunks: list[nn.Module]
     batches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -27,11 +78,40 @@ class StepContext:
     rank: int = 0
     p2p: P2P | None = None
     loss_scale: float = 1.0
-    losses: list[float] = field(default_factory=list)
-    compute_s: float = 0.0
     max_in_flight: int = 0  # most micro-batches whose activations were alive at once
+    _loss_values: list[torch.Tensor] = field(default_factory=list)  # [] each, on the device
+    _clock: ComputeClock | None = None
     _fwd_count: list[int] = field(default_factory=list)
     _in_flight: int = 0
+
+    @property
+    def losses(self) -> list[float]:
+        """LM loss of each micro-batch this rank ran the last stage of (one device-to-host copy)."""
+        return torch.stack(self._loss_values).tolist() if self._loss_values else []
+
+    @property
+    def clock(self) -> ComputeClock:
+        if self._clock is None:
+            device = self.batches[0][0].device if self.batches else torch.device("cpu")
+            self._clock = ComputeClock(cuda=device.type == "cuda")
+        return self._clock
+
+    def start_schedule(self) -> None:
+        self.clock.span[0] = self.clock.mark()
+
+    def end_schedule(self) -> None:
+        self.clock.span[1] = self.clock.mark()
+
+    @property
+    def compute_s(self) -> float:
+        """Seconds of forward/backward compute so far (device time on CUDA; reading it syncs)."""
+        return self.clock.compute_s()
+
+    def idle_fraction(self) -> float:
+        """Share of the schedule's span (start_schedule .. end_schedule) outside forward/backward
+        compute: the pipeline bubble plus p2p waits, as the device saw it on CUDA."""
+        span = self.clock.span_s()
+        return 1.0 - self.compute_s / span if span > 0 else 0.0
 
     @property
     def vp(self) -> int:
@@ -50,21 +130,21 @@ class StepContext:
         micro_batch = self._fwd_count[chunk]
         self._fwd_count[chunk] += 1
         tokens, labels = self.batches[micro_batch]
-        t0 = time.perf_counter()
+        start = self.clock.mark()
         out = self.chunks[chunk].stage_forward(tokens, x, labels)
-        self.compute_s += time.perf_counter() - t0
+        self.clock.add(start)
         self._in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self._in_flight)
         if self.is_last(chunk):
-            self.losses.append(float(out.detach()))
+            self._loss_values.append(out.detach().reshape(()))
             return out * self.loss_scale
         return out
 
     def backward(self, x: torch.Tensor | None, out: torch.Tensor, grad: torch.Tensor | None,
                  ) -> torch.Tensor | None:
-        t0 = time.perf_counter()
+        start = self.clock.mark()
         backward_through(out, grad)
-        self.compute_s += time.perf_counter() - t0
+        self.clock.add(start)
         self._in_flight -= 1
         return None if x is None else x.grad
 

@@ -91,15 +91,16 @@ class Trainer:
 
     def _global_losses(self, lm_sum: float, n_mb: int) -> tuple[float, float, float, float]:
         """LM loss from the last stage, router losses per MoE layer from every stage, as global
-        means over DP; and the expert load imbalance (max over stages)."""
+        means over DP; and the expert load imbalance (max over stages). The MoE statistics stayed on
+        the device all step: this is their one read."""
         mesh, stats = self.mesh, self.model.moe_stats
-        aux, z = stats.aux, stats.z
+        aux, z, local_imbalance = stats.step_values()
         if mesh.sequence_parallel and mesh.tp > 1:  # per-rank shares -> the layers' losses
             aux, z = self._sum_over("tp", [aux, z], mesh.tp)
         lm_sum, aux, z, calls = self._sum_over("pp", [lm_sum, aux, z, float(stats.calls)], mesh.pp)
         calls = max(calls, 1.0)
         lm, aux, z = self._dp_mean([lm_sum / n_mb, aux / calls, z / calls])
-        imbalance = torch.tensor([stats.imbalance()])
+        imbalance = torch.tensor([local_imbalance])
         if mesh.pp > 1:
             dist.all_reduce(imbalance, op=dist.ReduceOp.MAX, group=mesh.groups["pp"])
         return lm, aux, z, float(imbalance)
@@ -116,9 +117,9 @@ class Trainer:
         # Forward/backward of this rank's micro-batches under the pipeline schedule.
         ctx = self._step_context(self.train_data, self.state.consumed_samples, 1.0 / n_mb)
         self.optimizer.start_step(n_mb)
-        t_sched = time.perf_counter()
+        ctx.start_schedule()
         self._schedule()(ctx)
-        t_sched = time.perf_counter() - t_sched
+        ctx.end_schedule()
         # Reduce, then update.
         self.optimizer.finish_grad_sync()
         grad_norm = self.optimizer.grad_norm()
@@ -128,7 +129,7 @@ class Trainer:
             self.optimizer.step(lr, grad_norm)
         self.optimizer.zero_grad()
         self.state = TrainState(iteration, self.state.consumed_samples + cfg.train.global_batch_size)
-        lm, aux, z, imbalance = self._global_losses(sum(ctx.losses), n_mb)
+        lm, aux, z, imbalance = self._global_losses(sum(ctx.losses), n_mb)  # ctx.losses: one read
         step_time = time.perf_counter() - t0
         tokens = cfg.train.global_batch_size * cfg.model.seq_length
         tflops = model_flops_per_token(cfg) * tokens / step_time / self.mesh.world_size / 1e12
@@ -139,7 +140,8 @@ class Trainer:
                    load_imbalance=imbalance, skipped=skipped, **model.moe_stats.comm.as_dict())
         if self.mesh.pp > 1:
             # pipeline bubble: share of the schedule this rank spent outside forward/backward compute
-            idle = self._sum_over("pp", [1.0 - ctx.compute_s / t_sched], self.mesh.pp)[0] / self.mesh.pp
+            # (on CUDA timed with events on the compute stream: host time means nothing there)
+            idle = self._sum_over("pp", [ctx.idle_fraction()], self.mesh.pp)[0] / self.mesh.pp
             rec.update(pp_idle_frac=idle, pp_max_in_flight=ctx.max_in_flight)
         return rec
 

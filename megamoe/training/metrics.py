@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,30 +22,117 @@ from megamoe.model.openmoe import count_parameters
 def model_flops_per_token(cfg: Config) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), Megatron-style accounting:
     2 FLOPs per active matmul weight (top-k experts, router, LM head; not the embedding lookup)
-    plus attention scores and values, 4 * s * heads * d per layer, counted non-causally."""
+    plus attention scores and values, counted causally as current Megatron-LM does
+    (``num_floating_point_operations``: "only half of the attention matrix is non-zero"): per layer
+    and token, QK^T and AV are 2 * s * heads * d each non-causally, half of that under the causal
+    mask, so 2 * s * heads * d together (it was 4 * s * heads * d, the full matrix, before)."""
     m = cfg.model
     counts = count_parameters(cfg)
     matmul_params = counts["active"] - counts["embedding"] // 2  # LM head stays, lookup does not
-    attn = 4 * m.seq_length * m.num_attention_heads * m.kv_channels * m.num_layers
+    attn = 2 * m.seq_length * m.num_attention_heads * m.kv_channels * m.num_layers  # causal half
     return 3.0 * (2.0 * matmul_params + attn)
 
 
-def measure_peak_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024,
-                        reps: int = 5) -> float:
-    """Measured dense GEMM rate of this device/thread (TFLOP/s): the MFU ceiling on CPU."""
+@dataclass(frozen=True)
+class DevicePeak:
+    """Dense tensor-core peak of a GPU in TFLOP/s (no 2:4 sparsity), from the vendor datasheet."""
+
+    pattern: str  # regex searched in torch.cuda.get_device_name(), lower case
+    name: str
+    bf16: float
+    fp8: float | None  # None: no FP8 tensor cores
+
+
+# NVIDIA datasheets quote tensor-core rates "with sparsity" (marked *); the dense rate is half of
+# that. Sources: H100 (SXM, NVL) and H200 (SXM, NVL) product pages nvidia.com/en-us/data-center/h100
+# and /h200; the H100 PCIe product brief PB-11133; the GH200 Grace Hopper datasheet; the A100
+# datasheet (Ampere: no FP8); L40S, L40 and L4 datasheets; HGX B200 (per GPU). Most specific
+# pattern first: "gh200" before "h200", the NVL / PCIe variants before plain "h100", "l40s" before
+# "l40" before "l4".
+DEVICE_PEAKS: tuple[DevicePeak, ...] = (
+    DevicePeak(r"gh200", "GH200", 989.4, 1978.9),
+    DevicePeak(r"h200.*nvl", "H200 NVL", 835.5, 1670.5),
+    DevicePeak(r"h200", "H200 SXM", 989.4, 1978.9),
+    DevicePeak(r"h100.*nvl", "H100 NVL", 835.5, 1670.5),
+    DevicePeak(r"h100.*pcie", "H100 PCIe", 756.5, 1513.0),
+    DevicePeak(r"h100", "H100 SXM", 989.4, 1978.9),
+    DevicePeak(r"b200", "B200", 2250.0, 4500.0),
+    DevicePeak(r"a100", "A100", 312.0, None),
+    DevicePeak(r"l40s", "L40S", 362.05, 733.0),
+    DevicePeak(r"l40\b", "L40", 181.05, 362.0),
+    DevicePeak(r"\bl4\b", "L4", 121.0, 242.5),
+)
+
+_FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
+
+
+def known_peak(device_name: str) -> DevicePeak | None:
+    """The datasheet entry matching a CUDA device name (e.g. 'NVIDIA H100 80GB HBM3'), or None."""
+    lower = device_name.lower()
+    return next((peak for peak in DEVICE_PEAKS if re.search(peak.pattern, lower)), None)
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 5,
+                        log: Callable[[str], None] | None = None) -> float:
+    """Per-device peak for MFU (TFLOP/s); ``--peak-tflops`` overrides it (the caller's business).
+
+    CUDA: the datasheet's dense tensor-core peak of a known GPU (:data:`DEVICE_PEAKS`): FP8 for FP8
+    dtypes, otherwise BF16 -- MFU's usual yardstick (Megatron, PaLM), so fp32 runs are measured
+    against the same ceiling. An unknown GPU gets a measured rate: n^3 GEMMs (n = 8192, large enough
+    not to be launch-bound) timed with CUDA events, which the log says. CPU: a measured n = 1024
+    dense GEMM rate of this thread. ``log``: where to say which (default: stdout on rank 0)."""
+    log = log or _log_rank0
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = known_peak(name)
+        if peak is not None:
+            fp8 = dtype in _FP8 and peak.fp8 is not None
+            value = peak.fp8 if fp8 else peak.bf16
+            log(f" > MFU peak: {value:g} TFLOP/s per device ({name}: {peak.name} dense "
+                f"{'FP8' if fp8 else 'BF16'}, datasheet)")
+            return value
+        n = n or 8192
+        dtype = torch.bfloat16 if dtype in _FP8 else dtype  # a plain matmul takes no FP8 operands
+        value = _gemm_tflops_cuda(device, dtype, n, reps)
+        log(f" > MFU peak: {value:.1f} TFLOP/s per device MEASURED ({name} is not in the datasheet "
+            f"table: median of {reps} {n}^3 {dtype} GEMMs; pass --peak-tflops to set it)")
+        return value
+    n = n or 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
     times = []
     for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         t0 = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return 2.0 * n**3 / sorted(times)[len(times) // 2] / 1e12
+
+
+def _gemm_tflops_cuda(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
+    """Median rate of ``reps`` n^3 GEMMs, each timed with CUDA events (device time, not host)."""
+    with torch.cuda.device(device):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        out = torch.empty(n, n, device=device, dtype=dtype)
+        for _ in range(2):  # warm-up: kernel selection, clocks
+            torch.mm(a, b, out=out)
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.mm(a, b, out=out)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    return 2.0 * n**3 / sorted(times)[len(times) // 2] / 1e12
+
+
+def _log_rank0(msg: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
 
 
 class MetricsLogger:
