@@ -152,35 +152,30 @@ class DistributedOptimizer:
             buffer.zero()
 
     def grad_norm(self) -> float:
-        """Global L2 norm counting each logical gradient once: TP-split dense gradients summed over
-        TP, TP-replicated ones taken from TP rank 0, expert ones summed over EP (each EP rank holds
-        other experts), all summed over pipeline stages; owned parts summed over their sharding group."""
+        """Global L2 norm counting each logical gradient once, with ONE all-reduce over the world.
+
+        Every rank sits in one cell of the dense grid (TP x DP x PP) and one of the expert grid (EP x
+        EDP x PP), so summing a contribution over the world sums it over every cell: each rank adds
+        its TP-split dense gradients, its TP-replicated ones only on TP rank 0, and its experts; a
+        group that is not sharded (all replicas hold the whole gradient) contributes from its first
+        replica only. Squares are summed in fp64 so the value does not depend on the sharding."""
         mesh = self.mesh
-        kinds = {"tp_split": [], "replicated": [], "expert": []}
+        kinds: dict[str, list[torch.Tensor]] = {"tp_split": [], "replicated": [], "expert": []}
         for piece in self.pieces:
             param = piece.param
             kind = "expert" if is_expert(param) else "tp_split" if is_tp_split(param) else "replicated"
             kinds[kind].append(piece.master.grad)
+        counted = {"dense": True, "expert": True}
+        for buffer in self.buffers:
+            replica = mesh.coord("edp" if buffer.layout.name == "expert" else "dp")
+            counted[buffer.layout.name] = buffer.sharded or replica == 0
+        weights = {"tp_split": counted["dense"], "replicated": counted["dense"] and mesh.tp_rank == 0,
+                   "expert": counted["expert"]}
         device = next((g.device for grads in kinds.values() for g in grads), torch.device("cpu"))
-        # one device-to-host copy for the whole norm: the three fp64 partial sums come over together
-        # (the reductions below run on the host, over gloo, in fp64 as before)
-        squares = dict(zip(kinds, torch.stack([_sum_of_squares(grads, device)
-                                               for grads in kinds.values()]).cpu().unbind()))
-        for buffer in self.buffers:  # owned parts -> the whole group
-            if buffer.sharded and buffer.layout.group is not None:
-                names = ("expert",) if buffer.layout.name == "expert" else ("tp_split", "replicated")
-                both = torch.stack([squares[name] for name in names])
-                dist.all_reduce(both, group=buffer.layout.group)
-                squares.update(zip(names, both.unbind()))
-        dense = squares["tp_split"] + (squares["replicated"] if mesh.tp_rank == 0 else 0.0)
-        if mesh.tp > 1:
-            dist.all_reduce(dense, group=mesh.groups["tp"])
-        expert = squares["expert"]
-        if mesh.ep > 1:
-            dist.all_reduce(expert, group=mesh.groups["ep"])
-        total = dense + expert
-        if mesh.pp > 1:  # every stage holds different layers
-            dist.all_reduce(total, group=mesh.groups["pp"])
+        total = sum(_sum_of_squares(grads, device) for kind, grads in kinds.items() if weights[kind])
+        total = torch.as_tensor(total, dtype=torch.float64).cpu()  # the one device-to-host copy
+        if mesh.world_size > 1:
+            dist.all_reduce(total)
         return float(total.sqrt())
 
     # -- update -----------------------------------------------------------------------------------

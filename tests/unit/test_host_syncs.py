@@ -197,7 +197,7 @@ def test_training_step_reads_losses_statistics_and_norm_once():
         assert optimizer.grad_norm() > 0
     finally:
         torch.Tensor.cpu = cpu
-    assert copies == [torch.Size([3])]  # the three fp64 partial sums (dense split/replicated, expert)
+    assert copies == [torch.Size([])]  # this rank's fp64 sum of squares, then one all-reduce
 
 
 def test_counter_sees_the_syncing_operations():
