@@ -3,12 +3,28 @@
 #
 # One node:   DATA_PATH=/data/corpus_text_document TOKENIZER=/data/umt5.model bash examples/pretrain_openmoe_8b.sh
 # N nodes:    run on every node with NNODES=N NODE_RANK=<0..N-1> MASTER_ADDR=<node 0> MASTER_PORT=6000
-# Dry run:    DRY_RUN=1 bash examples/pretrain_openmoe_8b.sh   (prints the command, launches nothing)
+# Dry run:    DRY_RUN=1 bash examples/pretrain_openmoe_8b.sh   (prints the arguments, one a line)
+# Overrides:  EXTRA_ARGS="--train-iters 100 --lr 1e-4" bash examples/pretrain_openmoe_8b.sh
+#             EXTRA_ARGS (split on whitespace, no quoting) is appended to the pretrain arguments and the
+#             later flag wins: argparse keeps the last value of a repeated value flag (int, float, str,
+#             --data-path's list, --model-preset). A switch already given (--sequence-parallel, ...)
+#             cannot be turned off there, and --bf16 / --fp32 exclude each other: use PRECISION=--fp32.
+#             --save / --load / --metrics-file follow CKPT; override CKPT rather than --save alone.
 #
-# Layout per 8-GPU node: TP 2 (+SP) inside NVLink pairs, experts EP 8 (4 of 32 per GPU), DP = world / 2;
-# the ZeRO optimizer shards dense state over DP and expert state over expert-DP (= world / 8), so expert
-# state never crosses nodes; hierarchical all-to-all when the job spans nodes. Relaunching the same
-# command resumes from $CKPT/latest (auto-resume); SIGTERM / SIGUSR1 save and exit 0.
+# Default layout, 8 GPUs per node, world W = 8 x NNODES, PP 1 (rank = tp + 2 dp on the dense mesh,
+# ep + 8 edp on the expert mesh):
+#   TP 2 (+SP)    pairs {2k, 2k+1}: inside a node (NVLink).
+#   EP 8          ranks 8n..8n+7: exactly one node, so the token all-to-all never leaves the node.
+#   DP = W / 2    ranks with the same TP position, 4 per node: SPANS NODES when NNODES > 1 (dense
+#                 gradient reduce-scatter, parameter all-gather and the ZeRO shards of dense state).
+#   expert-DP     = W / 8 = NNODES: the same expert slot on every node, one rank per node: SPANS NODES
+#                 (expert gradient reduce-scatter, expert parameter all-gather and the ZeRO shards of
+#                 expert state all cross nodes).
+#   checkpoint    written by DP rank 0 (dense) and expert-DP rank 0 (experts): ranks 0-7, the first node.
+# --sequence-parallel is added when TP > 1. --moe-hierarchical-alltoall is added only when an EP group
+# spans nodes (EP > GPUS_PER_NODE): with EP 8 on 8-GPU nodes there is no inter-node exchange for it to
+# organise. Relaunching the same command resumes from $CKPT/latest (auto-resume); SIGTERM / SIGUSR1
+# make every rank finish its step, save and exit 0.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -26,31 +42,38 @@ PP="${PP:-1}"
 GBS="${GBS:-1024}"
 TRAIN_ITERS="${TRAIN_ITERS:-500000}"
 ZERO_STAGE="${ZERO_STAGE:-1}"   # 2 also shards fp32 gradients (more reduce traffic, less memory)
+PRECISION="${PRECISION:---bf16}"
+read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 
 if [ -n "$DATA_PATH" ]; then
+  # shellcheck disable=SC2206,SC2054  # a blend "0.7 A 0.3 B" is several words; 969,30,1 is one
   DATA_ARGS=(--data-path $DATA_PATH --tokenizer-model "$TOKENIZER" --split 969,30,1)
 else
   echo "DATA_PATH not set: training on --mock-data" >&2
   DATA_ARGS=(--mock-data)
 fi
+SP=()
+[ "$TP" -gt 1 ] && SP=(--sequence-parallel)
 HIER=()
-[ "$NNODES" -gt 1 ] && HIER=(--moe-hierarchical-alltoall)
+[ "$EP" -gt "$GPUS_PER_NODE" ] && HIER=(--moe-hierarchical-alltoall)
 
 ARGS=(
   --model-preset openmoe-8b "${DATA_ARGS[@]}"
-  --tensor-model-parallel-size "$TP" --sequence-parallel
+  --tensor-model-parallel-size "$TP" ${SP[@]+"${SP[@]}"}
   --pipeline-model-parallel-size "$PP"
-  --expert-model-parallel-size "$EP" "${HIER[@]}" --moe-alltoall-chunks 2
+  --expert-model-parallel-size "$EP" ${HIER[@]+"${HIER[@]}"} --moe-alltoall-chunks 2
   --moe-capacity-factor 1.25 --moe-eval-capacity-factor 2.0 --moe-min-capacity 4
   --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 1e-4
   --micro-batch-size 1 --global-batch-size "$GBS" --seq-length 2048
   --train-iters "$TRAIN_ITERS" --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 2000 --lr-decay-style cosine
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
-  --bf16 --use-distributed-optimizer --zero-stage "$ZERO_STAGE" --overlap-grad-reduce --overlap-param-gather
+  "$PRECISION" --use-distributed-optimizer --zero-stage "$ZERO_STAGE"
+  --overlap-grad-reduce --overlap-param-gather
   --save "$CKPT" --load "$CKPT" --save-interval 1000
   --log-interval 10 --eval-interval 1000 --eval-iters 10
   --metrics-file "$CKPT/metrics.jsonl" --tensorboard-dir "$CKPT/tensorboard"
   --distributed-timeout-minutes 15
+  ${EXTRA[@]+"${EXTRA[@]}"}
 )
 
 CMD=(torchrun --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" --node-rank "$NODE_RANK"
