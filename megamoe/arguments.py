@@ -20,16 +20,20 @@ PRESETS: dict[str, dict[str, float | int]] = {
     # A few hundred K parameters, for CPU tests and the quickstart.
     "openmoe-tiny": dict(num_layers=4, hidden_size=64, num_attention_heads=4, kv_channels=16,
                          ffn_hidden_size=64, num_experts=8, moe_router_topk=2, moe_layer_freq=2,
-                         seq_length=128, vocab_size=1024, moe_z_loss_coeff=1e-4, init_method="t5x"),
+                         seq_length=128, vocab_size=1024, moe_z_loss_coeff=1e-4, init_method="t5x",
+                         output_z_loss_coeff=1e-4),
     "openmoe-base": dict(num_layers=12, hidden_size=768, num_attention_heads=12, kv_channels=64,
                          ffn_hidden_size=2048, num_experts=16, moe_router_topk=2, moe_layer_freq=4,
-                         seq_length=2048, vocab_size=256384, moe_z_loss_coeff=1e-4, init_method="t5x"),
+                         seq_length=2048, vocab_size=256384, moe_z_loss_coeff=1e-4, init_method="t5x",
+                         output_z_loss_coeff=1e-4),
     "openmoe-8b": dict(num_layers=24, hidden_size=2048, num_attention_heads=24, kv_channels=128,
                        ffn_hidden_size=8192, num_experts=32, moe_router_topk=2, moe_layer_freq=6,
-                       seq_length=2048, vocab_size=256384, moe_z_loss_coeff=1e-4, init_method="t5x"),
+                       seq_length=2048, vocab_size=256384, moe_z_loss_coeff=1e-4, init_method="t5x",
+                         output_z_loss_coeff=1e-4),
     "openmoe-34b": dict(num_layers=32, hidden_size=3072, num_attention_heads=24, kv_channels=128,
                         ffn_hidden_size=12288, num_experts=32, moe_router_topk=2, moe_layer_freq=4,
-                        seq_length=2048, vocab_size=256384, moe_z_loss_coeff=1e-3, init_method="t5x"),
+                        seq_length=2048, vocab_size=256384, moe_z_loss_coeff=1e-3, init_method="t5x",
+                         output_z_loss_coeff=1e-4),
 }
 
 

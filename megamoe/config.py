@@ -46,6 +46,8 @@ class ModelConfig:
     norm_epsilon: float = flag("RMSNorm epsilon", 1e-6)
     rotary_base: float = flag("rotary embedding base (theta)", 10000.0)
     init_method_std: float = flag("standard deviation of the normal weight init", 0.02)
+    output_z_loss_coeff: float = flag("T5X's output z-loss: this x mean logsumexp(logits)^2 per token is "
+                                      "added to the objective (logged apart from the LM loss)", 0.0)
     init_method: str = flag("weight initialisation: normal = N(0, --init-method-std) with Megatron's "
                             "1/sqrt(2 x layers) on residual outputs; t5x = OpenMoE's T5X variance scaling "
                             "(fan-in, scale 0.1, query / sqrt(head width), embedding std 1)", "normal",
@@ -78,6 +80,13 @@ class MoEConfig:
     eval_capacity_factor: float | None = flag("capacity factor in evaluation (default: as in training)",
                                               None, flag="--moe-eval-capacity-factor")
     min_capacity: int = flag("fewest tokens an expert can take", 4, flag="--moe-min-capacity")
+    router_group_size: int | None = flag(
+        "tokens per routing group (T5X): capacity and drop order are per group of this many consecutive "
+        "tokens of the micro-batch, the same tokens in every layout; default: the whole micro-batch",
+        None, flag="--moe-router-group-size")
+    router_loss_average: bool = flag(
+        "sum the router losses over MoE layers (Megatron) instead of averaging them (T5X, OpenMoE)", True,
+        flag="--no-moe-router-loss-average")
     aux_loss_coeff: float = flag("load-balancing loss coefficient", 0.01, flag="--moe-aux-loss-coeff")
     z_loss_coeff: float = flag("router z-loss coefficient (default: the preset's, 1e-4)", 1e-4,
                                flag="--moe-z-loss-coeff")
@@ -293,6 +302,10 @@ class Config:
         _check(self.train.recompute_granularity != "full" or self.parallel.moe_alltoall_chunks == 1,
                "--recompute-granularity full does not combine with --moe-alltoall-chunks > 1 (every "
                "chunk's backward would re-run the layer); use one of them, or selective recompute")
+        group, tokens = self.moe.router_group_size, self.train.micro_batch_size * self.model.seq_length
+        _check(group is None or (group > 0 and tokens % group == 0),
+               f"--moe-router-group-size {group} must divide the tokens of a micro-batch ({tokens} = "
+               "--micro-batch-size x --seq-length)")
         if world_size is not None:
             validate_layout(self, world_size)
         return self

@@ -16,7 +16,7 @@ from megamoe.config import Config
 from megamoe.model.init import InitStds, init_model_weights
 from megamoe.model.layers import Attention, GatedMLP, RMSNorm
 from megamoe.moe.dispatcher import EPTopology, ExpertPlacement
-from megamoe.moe.layer import MoELayer, MoEParallel, MoEStats
+from megamoe.moe.layer import MoELayer, MoEParallel, MoEStats, attach_loss
 from megamoe.parallel.tensor import (
     ColumnParallelLinear,
     TPContext,
@@ -36,8 +36,10 @@ class DecoderLayer(nn.Module):
                                    stds.attention_out, m.rotary_base, tp, query_std=stds.query)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
         if self.is_moe:
+            num_moe_layers = sum(cfg.moe.is_moe_layer(i) for i in range(m.num_layers))
             self.mlp: nn.Module = MoELayer(layer, m.hidden_size, m.ffn_hidden_size, cfg.moe, stds.mlp_in,
-                                           stds.mlp_out, stats, placement=placement, par=moe_par)
+                                           stds.mlp_out, stats, placement=placement, par=moe_par,
+                                           num_moe_layers=num_moe_layers, truncated_init=stds.truncated)
             self.pre_extra_mlp_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
             self.extra_mlp = GatedMLP(m.hidden_size, m.ffn_hidden_size, stds.mlp_in, stds.mlp_out, tp,
                                       truncated=stds.truncated)
@@ -116,14 +118,23 @@ class OpenMoEModel(nn.Module):
 
     def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor,
                 loss_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean next-token cross-entropy over the (unmasked) tokens of this micro-batch, fp32."""
-        per_token, _ = vocab_parallel_cross_entropy(
+        """Mean next-token cross-entropy over the (unmasked) tokens of this micro-batch, fp32. T5X's
+        output z-loss (coeff x mean logsumexp^2, vocab-parallel under TP) enters backward beside it
+        (attach_loss) so that the returned value stays the LM loss alone; its value is recorded."""
+        per_token, lse = vocab_parallel_cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), self.tp,
-            self.tp.shard_range(self.vocab_size).start, self.cfg.model.vocab_size)
-        if loss_mask is None:
-            return per_token.mean()
-        mask = loss_mask.reshape(-1).float()
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+            self.tp.shard_range(self.vocab_size).start, self.cfg.model.vocab_size)  # [N], [N]
+        mask = None if loss_mask is None else loss_mask.reshape(-1).float()
+
+        def mean(values: torch.Tensor) -> torch.Tensor:
+            return values.mean() if mask is None else (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+        loss, output_z = mean(per_token), mean(lse.pow(2))
+        self.moe_stats.record_output_z(output_z.detach())
+        coeff = self.cfg.model.output_z_loss_coeff
+        if coeff and self.training and torch.is_grad_enabled():
+            loss = attach_loss(loss, coeff * output_z, self.moe_stats.grad_scale)
+        return loss
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor,
              loss_mask: torch.Tensor | None = None) -> torch.Tensor:

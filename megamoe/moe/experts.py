@@ -125,14 +125,15 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(self, hidden: int, ffn: int, expert_ids: list[int], std: float, out_std: float,
-                 grouped: bool = True) -> None:
+                 grouped: bool = True, truncated: bool = False) -> None:
         super().__init__()
         n = len(expert_ids)
         self.grouped = grouped
         # reduced over expert-DP, norms summed over EP; each slot drawn as its logical expert
-        self.wi_gate = expert(nn.Parameter(torch.empty(n, hidden, 2 * ffn)), std=std, expert_ids=expert_ids)
-        self.wi_up = expert(nn.Parameter(torch.empty(n, hidden, ffn)), std=std, expert_ids=expert_ids)
-        self.wo = expert(nn.Parameter(torch.empty(n, ffn, hidden)), std=out_std, expert_ids=expert_ids)
+        init = dict(expert_ids=expert_ids, truncated=truncated)
+        self.wi_gate = expert(nn.Parameter(torch.empty(n, hidden, 2 * ffn)), std=std, **init)
+        self.wi_up = expert(nn.Parameter(torch.empty(n, hidden, ffn)), std=std, **init)
+        self.wo = expert(nn.Parameter(torch.empty(n, ffn, hidden)), std=out_std, **init)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None = None,
                 ) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import nn
@@ -18,8 +17,8 @@ from torch import nn
 from megamoe.config import MoEConfig
 from megamoe.moe.dispatcher import CommCounters, ExpertPlacement, MoEParallel, TokenDispatcher
 from megamoe.moe.experts import GroupedExperts
-from megamoe.moe.router import Routing, expert_capacity, route
-from megamoe.parallel.comm import all_reduce_sum
+from megamoe.moe.router import Routing, RoutingGroups, expert_capacity, route
+from megamoe.parallel.comm import all_gather_rows
 from megamoe.params import replicated
 
 __all__ = ["MoELayer", "MoEParallel", "MoEStats"]
@@ -41,12 +40,13 @@ class MoEStats:
     aux: torch.Tensor | float = 0.0
     z: torch.Tensor | float = 0.0
     calls: int = 0
+    output_z: torch.Tensor | float = 0.0  # sum over the last stage's micro-batches of the output z-loss
     tokens_per_expert: dict[int, torch.Tensor] = field(default_factory=dict)
     comm: CommCounters = field(default_factory=CommCounters)
     recomputing: bool = False  # inside activation recomputation: the forward already counted
 
     def reset(self, grad_scale: float = 1.0) -> None:
-        self.grad_scale, self.aux, self.z, self.calls = grad_scale, 0.0, 0.0, 0
+        self.grad_scale, self.aux, self.z, self.calls, self.output_z = grad_scale, 0.0, 0.0, 0, 0.0
         self.tokens_per_expert = {}
         self.comm = CommCounters()
         self.recomputing = False
@@ -70,21 +70,25 @@ class MoEStats:
         prev = self.tokens_per_expert.get(layer)
         self.tokens_per_expert[layer] = counts if prev is None else prev + counts
 
+    def record_output_z(self, z: torch.Tensor) -> None:
+        """The output z-loss of one micro-batch (mean logsumexp(logits)^2), kept on the device."""
+        self.output_z = self.output_z + z.double()
+
     def _imbalance(self) -> torch.Tensor:
         """[] fp64 on the device: max over layers of (max expert load / mean expert load)."""
         return torch.stack([c.max().double() / c.float().mean().double().clamp_min(1e-9)
                             for c in self.tokens_per_expert.values()]).max()
 
-    def step_values(self) -> tuple[float, float, float]:
-        """(aux sum, z sum, load imbalance) of the step so far, read in one device-to-host copy;
-        zeros when no MoE layer ran. Imbalance: max over layers of max / mean expert load (1.0 is
-        perfect balance)."""
-        if not self.tokens_per_expert:
-            return float(self.aux), float(self.z), 0.0
-        aux, z, imbalance = torch.stack([torch.as_tensor(self.aux, dtype=torch.float64),
-                                         torch.as_tensor(self.z, dtype=torch.float64),
-                                         self._imbalance()]).tolist()
-        return aux, z, imbalance
+    def step_values(self) -> tuple[float, float, float, float]:
+        """(aux sum, z sum, load imbalance, output z sum) of the step so far, read in one
+        device-to-host copy; zeros when nothing ran. Imbalance: max over layers of max / mean expert
+        load (1.0 is perfect balance)."""
+        values = [self.aux, self.z, self._imbalance() if self.tokens_per_expert else 0.0, self.output_z]
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        aux, z, imbalance, output_z = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                                                   for v in values]).tolist()
+        return aux, z, imbalance, output_z
 
     def imbalance(self) -> float:
         """max over layers of (max expert load / mean expert load); 1.0 is perfect balance."""
@@ -104,7 +108,14 @@ class _Recomputing:
         self.stats.recomputing = False
 
 
-class _AttachRouterLoss(torch.autograd.Function):
+def attach_loss(out: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
+    """``out`` unchanged, with ``loss`` (a scalar weighted by its coefficient) entering backward as if
+    ``scale * loss`` had been added to the objective: for losses that are not returned (router losses
+    of any pipeline stage, the output z-loss beside the logged LM loss)."""
+    return _AttachLoss.apply(out, loss, scale)
+
+
+class _AttachLoss(torch.autograd.Function):
     """forward: return ``out`` unchanged; backward: pass grad to ``out`` and send ``scale`` as the
     gradient of ``loss`` (so d total / d loss = coefficient / micro-batches without adding it)."""
 
@@ -129,9 +140,13 @@ class MoELayer(nn.Module):
 
     def __init__(self, layer: int, hidden: int, ffn: int, moe: MoEConfig, std: float,
                  out_std: float, stats: MoEStats, placement: ExpertPlacement | None = None,
-                 par: MoEParallel | None = None) -> None:
+                 par: MoEParallel | None = None, num_moe_layers: int = 1, truncated_init: bool = False,
+                 ) -> None:
         super().__init__()
         self.layer, self.cfg, self.stats = layer, moe, stats
+        # T5X / OpenMoE average the router losses over the MoE layers (the coefficients are per
+        # model); Megatron sums them (--no-moe-router-loss-average)
+        self.loss_weight = 1.0 / num_moe_layers if moe.router_loss_average else 1.0
         self.par = par or MoEParallel()
         self.tp, self.topo = self.par.tp, self.par.ep
         if moe.num_experts % self.topo.size:
@@ -142,7 +157,7 @@ class MoELayer(nn.Module):
         self.gate_weight = replicated(nn.Parameter(torch.empty(moe.num_experts, hidden)),
                                       std=moe.router_init_std, sp_partial=True, keep_fp32=True)
         self.experts = GroupedExperts(hidden, ffn, self.placement.local_experts(self.topo.index), std,
-                                      out_std, grouped=moe.grouped_gemm)
+                                      out_std, grouped=moe.grouped_gemm, truncated=truncated_init)
         self.dispatcher = TokenDispatcher(self.placement, self.par, stats)
 
     def capacity(self, tokens: int) -> int | None:
@@ -153,19 +168,34 @@ class MoELayer(nn.Module):
             return None
         return expert_capacity(cf, tokens, self.cfg.num_experts, self.cfg.min_capacity)
 
-    def _route(self, xt: torch.Tensor) -> Routing:
-        t = xt.shape[0]
-        logits = xt.float() @ self.gate_weight.float().t()  # [T, E] fp32
-        reduce, total = None, t
-        if self.tp.sequence_parallel:  # the routing group (micro-batch) spans the TP ranks
-            reduce, total = partial(all_reduce_sum, group=self.tp.group), t * self.tp.size
-        # Capacity groups are the tokens this rank routes (under SP: its sequence shard).
-        return route(logits, self.cfg.router_topk, self.capacity(t), reduce, total)
+    def _groups(self, b: int, s: int, device: torch.device) -> RoutingGroups:
+        """This rank's [b, s] tokens in the micro-batch's routing groups. Under SP it holds positions
+        [r*s, (r+1)*s) of every sample; the groups are runs of the whole micro-batch in sample-major
+        order, as one process sees it, so every rank's choices are gathered (a few ints per token)."""
+        tp = self.tp.size if self.tp.sequence_parallel else 1
+        group_size = self.cfg.router_group_size or b * s * tp
+        if tp == 1:
+            return RoutingGroups(group_size)
+        group = self.tp.group
+
+        def gather(ids: torch.Tensor) -> torch.Tensor:  # [b*s, k] -> [tp, b, s, k] -> [b*tp*s, k]
+            every = all_gather_rows(ids.view(b, s, -1), group)
+            return every.transpose(0, 1).reshape(b * tp * s, -1)
+
+        sample = torch.arange(b, device=device).unsqueeze(1) * (s * tp)
+        rows = (sample + self.tp.rank * s + torch.arange(s, device=device)).reshape(-1)  # [b*s]
+        return RoutingGroups(group_size, gather, rows)
+
+    def _route(self, x: torch.Tensor) -> Routing:
+        b, s, h = x.shape
+        logits = x.reshape(b * s, h).float() @ self.gate_weight.float().t()  # [T, E] fp32
+        groups = self._groups(b, s, x.device)
+        return route(logits, self.cfg.router_topk, self.capacity(groups.group_size), groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape  # s is this rank's shard under SP
         xt = x.reshape(b * s, h)  # [T, H]
-        routing = self._route(xt)
+        routing = self._route(x)
         if self.dispatcher.pipelined:  # K chunks: the experts run chunk by chunk inside the exchange
             out = self.dispatcher.pipeline(xt, routing, self.experts)
         else:
@@ -176,6 +206,6 @@ class MoELayer(nn.Module):
                           routing.tokens_per_expert.detach())
         if self.training and torch.is_grad_enabled():
             router_loss = (self.cfg.aux_loss_coeff * routing.aux_loss
-                           + self.cfg.z_loss_coeff * routing.z_loss)
-            out = _AttachRouterLoss.apply(out, router_loss, self.stats.grad_scale)
+                           + self.cfg.z_loss_coeff * routing.z_loss) * self.loss_weight
+            out = attach_loss(out, router_loss, self.stats.grad_scale)
         return out

@@ -43,63 +43,87 @@ def expert_capacity(capacity_factor: float, tokens: int, num_experts: int, min_c
     return max(int(round(capacity_factor * tokens / num_experts)), min_capacity)
 
 
-def load_balancing_loss(probs: torch.Tensor, fraction: torch.Tensor, total_tokens: int) -> torch.Tensor:
-    """Switch/flaxformer loss: E^2 * mean_e(fraction_e * mean_prob_e).
+def load_balancing_loss(probs_per_group: torch.Tensor, counts_per_group: torch.Tensor,
+                        group_size: int) -> torch.Tensor:
+    """Switch/flaxformer loss, averaged over routing groups: E^2 * mean_g mean_e(fraction * mean_prob).
 
-    probs: [T, E] softmax of this rank's tokens; fraction: [E] share of ALL tokens of the group that
-    chose e among their k (a token counts once per expert, so the loss is k when perfectly balanced);
-    no gradient flows through it, as in flaxformer. mean_prob divides by the group's total token
-    count, so with tokens sharded over ranks the per-rank losses SUM to the group loss.
+    probs_per_group: [G, E] sum of this rank's softmax probabilities per group; counts_per_group:
+    [G, E] assignments of ALL the group's tokens per expert (a token counts once per expert it chose,
+    so the loss is k when perfectly balanced); no gradient flows through the counts, as in flaxformer.
+    Both divide by the group's token count, so with a group's tokens sharded over ranks (sequence
+    parallelism) the per-rank losses SUM to the group loss.
     """
-    num_experts = probs.shape[-1]
-    mean_prob = probs.sum(0) / total_tokens  # [E]
-    return (fraction * mean_prob).mean() * num_experts**2
+    num_experts = probs_per_group.shape[-1]
+    fraction = counts_per_group.to(probs_per_group.dtype) / group_size
+    return (fraction * (probs_per_group / group_size)).mean() * num_experts**2
 
 
 def router_z_loss(logits: torch.Tensor, total_tokens: int) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over the group's tokens of logsumexp(logits)^2 (this rank's share)."""
+    """ST-MoE router z-loss: mean over the micro-batch's tokens of logsumexp(logits)^2 (this rank's
+    share)."""
     return torch.logsumexp(logits, dim=-1).pow(2).sum() / total_tokens
 
 
 def capacity_keep_mask(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
-    """Which assignments fit the expert buffers, filling all top-1 choices before any top-2 choice,
-    each round in token order (OpenMoE/T5X priority). expert_ids: [T, k] -> keep [T, k] bool."""
-    t, k = expert_ids.shape
-    # Priority order = k-major, then token: [k, T] flattened.
-    order = expert_ids.t().reshape(-1)  # [k*T]
+    """Which assignments fit the expert buffers of their routing group, filling all top-1 choices
+    before any top-2 choice, each round in token order (OpenMoE/T5X priority).
+
+    expert_ids: [G, T_g, k] (or [T, k], one group) -> keep of the same shape, bool."""
+    grouped = expert_ids if expert_ids.dim() == 3 else expert_ids.unsqueeze(0)
+    groups, t, k = grouped.shape
+    order = grouped.transpose(1, 2).reshape(groups, k * t)  # priority order: k-major, then token
     # one_hot by hand (what F.one_hot does on CUDA): on CPU F.one_hot reads min/max back first
-    onehot = torch.zeros(order.shape[0], num_experts, dtype=torch.int64, device=order.device)
-    onehot.scatter_(1, order.unsqueeze(1), 1)  # [k*T, E]
-    position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # slot taken in its expert's buffer
-    return (position < capacity).view(k, t).t()
+    onehot = torch.zeros(groups, k * t, num_experts, dtype=torch.int64, device=order.device)
+    onehot.scatter_(2, order.unsqueeze(2), 1)  # [G, k*T_g, E]
+    position = (onehot.cumsum(1) * onehot).sum(-1) - 1  # slot taken in its expert's buffer
+    keep = (position < capacity).view(groups, k, t).transpose(1, 2)
+    return keep if expert_ids.dim() == 3 else keep[0]
 
 
-def route(logits: torch.Tensor, topk: int, capacity: int | None,
-          count_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-          total_tokens: int | None = None) -> Routing:
-    """Route tokens given fp32 logits [T, E]; ``capacity=None`` is dropless.
+@dataclass(frozen=True)
+class RoutingGroups:
+    """How this rank's tokens sit in the micro-batch's routing groups (T5X: consecutive runs of
+    ``group_size`` tokens of the whole micro-batch, in token order; capacity and drop order are per
+    group, so the groups must be the same tokens in every layout).
 
-    When a routing group is sharded over ranks (sequence parallelism), ``count_reduce`` sums the
-    per-expert counts over the group and ``total_tokens`` is the group's token count; aux and z losses
-    are then this rank's additive share of the group's losses.
+    gather: [T, k] this rank's choices -> [T_all, k] every rank's, in micro-batch order (None: this
+    rank holds the whole micro-batch); rows: where this rank's tokens are in that order (None: all)."""
+
+    group_size: int
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+    rows: torch.Tensor | None = None
+
+
+def route(logits: torch.Tensor, topk: int, capacity: int | None, groups: RoutingGroups | None = None,
+          ) -> Routing:
+    """Route this rank's tokens given fp32 logits [T, E]; ``capacity=None`` is dropless.
+
+    When the micro-batch is sharded over ranks (sequence parallelism), ``groups.gather`` brings every
+    rank's top-k choices (small ints) so that counts, capacity positions and drops are those of the
+    whole group; aux and z losses are then this rank's additive share.
     """
     num_experts = logits.shape[-1]
-    total = total_tokens or logits.shape[0]
+    groups = groups or RoutingGroups(group_size=logits.shape[0])  # one group: this rank's tokens
     probs = torch.softmax(logits, dim=-1)  # [T, E] over ALL experts
     top_probs, expert_ids = probs.topk(topk, dim=-1)  # [T, k], sorted: column 0 is top-1
+    all_ids = expert_ids if groups.gather is None else groups.gather(expert_ids)  # [T_all, k]
+    total = all_ids.shape[0]
+    num_groups = total // groups.group_size
+    grouped = all_ids.view(num_groups, groups.group_size, topk)
+    # [G, E] assignments per group and expert (top-k ids of a token are distinct); scatter_add, not
+    # bincount, whose CUDA kernel reads min and max back to the host
+    counts = torch.zeros(num_groups, num_experts, dtype=torch.int64, device=logits.device)
+    flat = grouped.reshape(num_groups, -1)
+    counts.scatter_add_(1, flat, torch.ones_like(flat))
     if capacity is None:
         keep = torch.ones_like(expert_ids, dtype=torch.bool)
     else:
-        keep = capacity_keep_mask(expert_ids, num_experts, capacity)
-    combine = top_probs * keep  # un-renormalised, dropped -> 0
-    # [E] assignments per expert (top-k ids of a token are distinct); scatter_add, not bincount,
-    # whose CUDA kernel reads min and max back to the host
-    flat_ids = expert_ids.reshape(-1)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=logits.device)
-    counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
-    if count_reduce is not None:
-        counts = count_reduce(counts)
-    fraction = counts.to(probs.dtype) / total
-    return Routing(expert_ids=expert_ids, combine=combine, keep=keep, tokens_per_expert=counts,
-                   aux_loss=load_balancing_loss(probs, fraction, total),
+        keep = capacity_keep_mask(grouped, num_experts, capacity).reshape(total, topk)
+        keep = keep if groups.rows is None else keep[groups.rows]
+    group_of_token = torch.arange(total, device=logits.device) // groups.group_size
+    group_of_token = group_of_token if groups.rows is None else group_of_token[groups.rows]  # [T]
+    probs_per_group = probs.new_zeros(num_groups, num_experts).index_add_(0, group_of_token, probs)
+    return Routing(expert_ids=expert_ids, combine=top_probs * keep, keep=keep,  # dropped -> weight 0
+                   tokens_per_expert=counts.sum(0),
+                   aux_loss=load_balancing_loss(probs_per_group, counts, groups.group_size),
                    z_loss=router_z_loss(logits, total))

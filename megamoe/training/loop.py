@@ -89,21 +89,22 @@ class Trainer:
         dist.all_reduce(t, group=self.mesh.groups[group_name])
         return t.tolist()
 
-    def _global_losses(self, lm_sum: float, n_mb: int) -> tuple[float, float, float, float]:
+    def _global_losses(self, lm_sum: float, n_mb: int) -> tuple[float, float, float, float, float]:
         """LM loss from the last stage, router losses per MoE layer from every stage, as global
         means over DP; and the expert load imbalance (max over stages). The MoE statistics stayed on
         the device all step: this is their one read."""
         mesh, stats = self.mesh, self.model.moe_stats
-        aux, z, local_imbalance = stats.step_values()
+        aux, z, local_imbalance, output_z = stats.step_values()
         if mesh.sequence_parallel and mesh.tp > 1:  # per-rank shares -> the layers' losses
             aux, z = self._sum_over("tp", [aux, z], mesh.tp)
-        lm_sum, aux, z, calls = self._sum_over("pp", [lm_sum, aux, z, float(stats.calls)], mesh.pp)
+        lm_sum, aux, z, calls, output_z = self._sum_over("pp", [lm_sum, aux, z, float(stats.calls), output_z],
+                                                         mesh.pp)  # the LM loss and output z: last stage
         calls = max(calls, 1.0)
-        lm, aux, z = self._dp_mean([lm_sum / n_mb, aux / calls, z / calls])
+        lm, aux, z, output_z = self._dp_mean([lm_sum / n_mb, aux / calls, z / calls, output_z / n_mb])
         imbalance = torch.tensor([local_imbalance])
         if mesh.pp > 1:
             dist.all_reduce(imbalance, op=dist.ReduceOp.MAX, group=mesh.groups["pp"])
-        return lm, aux, z, float(imbalance)
+        return lm, aux, z, float(imbalance), output_z
 
     def train_step(self) -> dict[str, Any]:
         cfg, model = self.cfg, self.model
@@ -129,12 +130,13 @@ class Trainer:
             self.optimizer.step(lr, grad_norm)
         self.optimizer.zero_grad()
         self.state = TrainState(iteration, self.state.consumed_samples + cfg.train.global_batch_size)
-        lm, aux, z, imbalance = self._global_losses(sum(ctx.losses), n_mb)  # ctx.losses: one read
+        lm, aux, z, imbalance, output_z = self._global_losses(sum(ctx.losses), n_mb)  # ctx.losses: one read
         step_time = time.perf_counter() - t0
         tokens = cfg.train.global_batch_size * cfg.model.seq_length
         tflops = model_flops_per_token(cfg) * tokens / step_time / self.mesh.world_size / 1e12
         rec = dict(iteration=iteration, consumed_samples=self.state.consumed_samples, lm_loss=lm,
-                   aux_loss=aux, z_loss=z, grad_norm=grad_norm, lr=lr, step_time=step_time,
+                   aux_loss=aux, z_loss=z, output_z_loss=output_z, grad_norm=grad_norm, lr=lr,
+                   step_time=step_time,
                    tokens_per_sec=tokens / step_time, tflops=tflops,
                    mfu=tflops / self.peak_tflops if self.peak_tflops > 0 else 0.0,
                    load_imbalance=imbalance, skipped=skipped, **model.moe_stats.comm.as_dict())

@@ -127,10 +127,10 @@ OLD_FLAGS = """
 OLD_TINY_CONFIG = {  # parse_args(TINY)
     "model": dict(num_layers=4, hidden_size=64, num_attention_heads=4, kv_channels=16, ffn_hidden_size=64,
                   vocab_size=1024, seq_length=128, make_vocab_size_divisible_by=128, norm_epsilon=1e-06,
-                  rotary_base=10000.0, init_method_std=0.02, init_method="t5x"),
+                  rotary_base=10000.0, init_method_std=0.02, output_z_loss_coeff=1e-4, init_method="t5x"),
     "moe": dict(num_experts=8, router_topk=2, layer_freq=2, capacity_factor=None, eval_capacity_factor=None,
                 min_capacity=4, aux_loss_coeff=0.01, z_loss_coeff=0.0001, router_init_std=0.02,
-                grouped_gemm=True),
+                grouped_gemm=True, router_group_size=None, router_loss_average=True),
     "parallel": dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                      expert_model_parallel_size=1, expert_tensor_parallel_size=1, sequence_parallel=False,
                      moe_hierarchical_alltoall=False, moe_alltoall_chunks=1, moe_tp_dedup=True,
@@ -175,7 +175,8 @@ EVERY_FLAG = """
 """.split()
 
 # Flags added since the hand-written parser (issue 13); the OpenMoE presets set --init-method t5x.
-NEW_FLAGS = {"--init-method"}
+NEW_FLAGS = {"--init-method", "--output-z-loss-coeff", "--moe-router-group-size",
+             "--no-moe-router-loss-average"}
 
 # argv -> the fields that differ from OLD_TINY_CONFIG, as the hand-written parser produced them (plus
 # init_method, which is new).
@@ -210,7 +211,7 @@ OLD_CONFIGS = [
     ("--num-layers 2 --hidden-size 48 --num-attention-heads 2 --ffn-hidden-size 40 --num-experts 4 "
      "--seq-length 16 --vocab-size 300 --fp32 --mock-data".split(), {
         "model": dict(num_layers=2, hidden_size=48, num_attention_heads=2, kv_channels=24, ffn_hidden_size=40,
-                      vocab_size=300, seq_length=16, init_method="normal"),
+                      vocab_size=300, seq_length=16, init_method="normal", output_z_loss_coeff=0.0),
         "moe": dict(num_experts=4, layer_freq=1),
     }),
     # A preset with one shape flag overridden keeps the preset's kv_channels and z-loss.
