@@ -63,8 +63,9 @@ ARGS=(
   --pipeline-model-parallel-size "$PP"
   --expert-model-parallel-size "$EP" ${HIER[@]+"${HIER[@]}"} --moe-alltoall-chunks 2
   --moe-capacity-factor 1.25 --moe-eval-capacity-factor 2.0 --moe-min-capacity 4
+  --moe-router-group-size 4096
   --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 1e-4
-  --micro-batch-size 1 --global-batch-size "$GBS" --seq-length 2048
+  --micro-batch-size 2 --global-batch-size "$GBS" --seq-length 2048  # 4096 tokens: one T5X routing group
   --train-iters "$TRAIN_ITERS" --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 2000 --lr-decay-style cosine
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
   "$PRECISION" --use-distributed-optimizer --zero-stage "$ZERO_STAGE"

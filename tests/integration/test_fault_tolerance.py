@@ -125,7 +125,8 @@ def test_8b_launch_script_is_a_valid_layout(nnodes):
     cfg = parse_args(_script_args(nnodes))
     cfg.validate(8 * nnodes)
     assert cfg.model.num_layers == 24 and cfg.moe.num_experts == 32
-    assert cfg.parallel.moe_hierarchical_alltoall == (nnodes > 1)
+    assert not cfg.parallel.moe_hierarchical_alltoall  # EP 8 fits in an 8-GPU node: nothing to aggregate
+    assert cfg.moe.router_group_size == 4096  # OpenMoE's T5X routing groups
     t = cfg.train
     assert t.use_distributed_optimizer and t.overlap_param_gather and t.zero_stage == 1
     sbatch = subprocess.run(["bash", "-n", "examples/slurm/pretrain_openmoe_8b.sbatch"], cwd=ROOT)

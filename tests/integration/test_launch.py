@@ -69,7 +69,7 @@ def test_8b_script_extra_args_later_flags_win():
     harmless; --fp32 after the script's --bf16 is refused (mutually exclusive), hence PRECISION."""
     extra = ("--model-preset openmoe-tiny --expert-model-parallel-size 4 --lr 1e-4 --moe-capacity-factor 2.5 "
              "--lr-decay-style linear --save /ckpt/x --data-path C --seq-length 64 "
-             "--use-distributed-optimizer --bf16")
+             "--use-distributed-optimizer --bf16 --moe-router-group-size 64")
     args = _dry_run(EXTRA_ARGS=extra, DATA_PATH="0.5 A 0.5 B", TOKENIZER="tok.model")
     assert args[-len(extra.split()):] == extra.split()
     assert args.count("--save") == 2 and args.count("--data-path") == 2
@@ -78,6 +78,7 @@ def test_8b_script_extra_args_later_flags_win():
     assert cfg.model.seq_length == 64 and cfg.parallel.expert_model_parallel_size == 4  # int
     assert cfg.train.lr == 1e-4 and cfg.moe.capacity_factor == 2.5  # float
     assert cfg.train.lr_decay_style == "linear" and cfg.train.save == "/ckpt/x"  # str
+    assert cfg.moe.router_group_size == 64  # the script's 4096-token groups do not fit this tiny batch
     assert cfg.data.data_path == ("C",)  # nargs="+": replaced, not extended
     assert cfg.train.load == "checkpoints/openmoe-8b"  # --load follows CKPT, not --save
     assert cfg.train.use_distributed_optimizer and cfg.train.bf16  # switches given twice

@@ -34,7 +34,7 @@ DAEMONS = ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sca
 TRAIN_ITERS = 30
 # openmoe-tiny on 2 CPU ranks: TP 2 (+SP) x EP 2, the rest of the 8B script's flags as they are.
 EXTRA_ARGS = ("--model-preset openmoe-tiny --seq-length 32 --global-batch-size 8 --micro-batch-size 2 "
-              "--lr 3e-3 --lr-warmup-iters 2 --log-interval 1")
+              "--lr 3e-3 --lr-warmup-iters 2 --log-interval 1 --moe-router-group-size 64")
 
 
 def _free_port() -> int:
