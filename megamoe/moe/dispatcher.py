@@ -9,7 +9,7 @@ permute and the experts, and the load balancer can move experts by changing the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -27,11 +27,16 @@ from megamoe.moe.router import Routing
 from megamoe.parallel.comm import all_gather_rows, gather_from_sequence, scatter_to_sequence
 from megamoe.parallel.tensor import TPContext
 
-if TYPE_CHECKING:
-    from megamoe.moe.layer import MoEStats
-
 __all__ = ["ChunkPlan", "CommCounters", "DispatchState", "EPTopology", "ExpertPlacement", "ExpertSort",
            "MoEParallel", "Permutation", "TokenDispatcher", "permute", "sort_by_expert", "unpermute"]
+
+
+class TrafficSink(Protocol):
+    """Where the dispatcher counts all-to-all traffic (MoEStats): None while recomputing."""
+
+    @property
+    def live_comm(self) -> CommCounters | None: ...
+
 
 
 @dataclass(frozen=True)
@@ -264,7 +269,7 @@ class TokenDispatcher:
     ``stats.live_comm`` (nowhere while recomputing).
     """
 
-    def __init__(self, placement: ExpertPlacement, par: MoEParallel, stats: MoEStats) -> None:
+    def __init__(self, placement: ExpertPlacement, par: MoEParallel, stats: TrafficSink) -> None:
         self.placement, self.par, self.stats = placement, par, stats
         self.topo = par.ep
 

@@ -13,15 +13,10 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path) -> set[str]:
-    """megamoe modules ``path`` imports, at module level or inside functions (a lazy import is still a
-    dependency); imports under ``if TYPE_CHECKING:`` are annotations only and are left out."""
-    tree = ast.parse(path.read_text())
-    type_only = {id(node) for stmt in ast.walk(tree) if isinstance(stmt, ast.If)
-                 and ast.unparse(stmt.test).endswith("TYPE_CHECKING") for node in ast.walk(stmt)}
+    """megamoe modules ``path`` imports, at module level, inside functions or under TYPE_CHECKING (a
+    lazy or annotation-only import is still a dependency a reader follows)."""
     found = set()
-    for node in ast.walk(tree):
-        if id(node) in type_only:
-            continue
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("megamoe"):
             found.add(node.module)
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
