@@ -127,7 +127,7 @@ OLD_FLAGS = """
 OLD_TINY_CONFIG = {  # parse_args(TINY)
     "model": dict(num_layers=4, hidden_size=64, num_attention_heads=4, kv_channels=16, ffn_hidden_size=64,
                   vocab_size=1024, seq_length=128, make_vocab_size_divisible_by=128, norm_epsilon=1e-06,
-                  rotary_base=10000.0, init_method_std=0.02, output_z_loss_coeff=1e-4, init_method="t5x"),
+                  rotary_base=10000.0, init_method_std=0.02, output_z_loss_coeff=1e-4, init_method="normal"),
     "moe": dict(num_experts=8, router_topk=2, layer_freq=2, capacity_factor=None, eval_capacity_factor=None,
                 min_capacity=4, aux_loss_coeff=0.01, z_loss_coeff=0.0001, router_init_std=0.02,
                 grouped_gemm=True, router_group_size=None, router_loss_average=True),
@@ -174,7 +174,8 @@ EVERY_FLAG = """
 --data-cache-path cache
 """.split()
 
-# Flags added since the hand-written parser (issue 13); the OpenMoE presets set --init-method t5x.
+# Flags added since the hand-written parser (issue 13); the OpenMoE presets (not tiny) set
+# --init-method t5x, and all of them --output-z-loss-coeff 1e-4.
 NEW_FLAGS = {"--init-method", "--output-z-loss-coeff", "--moe-router-group-size",
              "--no-moe-router-loss-average"}
 
@@ -185,7 +186,7 @@ OLD_CONFIGS = [
     (EVERY_FLAG, {
         "model": dict(num_layers=8, hidden_size=96, num_attention_heads=6, kv_channels=24,
                       ffn_hidden_size=160, vocab_size=2000, seq_length=64, make_vocab_size_divisible_by=64,
-                      norm_epsilon=1e-05, rotary_base=500000.0, init_method_std=0.01),
+                      norm_epsilon=1e-05, rotary_base=500000.0, init_method_std=0.01, init_method="t5x"),
         "moe": dict(num_experts=4, router_topk=1, capacity_factor=1.25, eval_capacity_factor=2.0,
                     min_capacity=2, aux_loss_coeff=0.02, z_loss_coeff=0.001, router_init_std=0.01,
                     grouped_gemm=False),
@@ -211,13 +212,13 @@ OLD_CONFIGS = [
     ("--num-layers 2 --hidden-size 48 --num-attention-heads 2 --ffn-hidden-size 40 --num-experts 4 "
      "--seq-length 16 --vocab-size 300 --fp32 --mock-data".split(), {
         "model": dict(num_layers=2, hidden_size=48, num_attention_heads=2, kv_channels=24, ffn_hidden_size=40,
-                      vocab_size=300, seq_length=16, init_method="normal", output_z_loss_coeff=0.0),
+                      vocab_size=300, seq_length=16, output_z_loss_coeff=0.0),
         "moe": dict(num_experts=4, layer_freq=1),
     }),
     # A preset with one shape flag overridden keeps the preset's kv_channels and z-loss.
     ("--model-preset openmoe-34b --hidden-size 1536 --data-path prefix --tokenizer-model t".split(), {
         "model": dict(num_layers=32, hidden_size=1536, num_attention_heads=24, kv_channels=128,
-                      ffn_hidden_size=12288, vocab_size=256384, seq_length=2048),
+                      ffn_hidden_size=12288, vocab_size=256384, seq_length=2048, init_method="t5x"),
         "moe": dict(num_experts=32, layer_freq=4, z_loss_coeff=0.001),
         "data": dict(mock_data=False, data_path=("prefix",), tokenizer_model="t"),
     }),
