@@ -7,8 +7,9 @@ permutation math and the dispatcher that drives these plans are in :mod:`megamoe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -105,9 +106,7 @@ class CommCounters:
 
 def _reorder_blocks(sizes: list[int], order: list[int], device: torch.device) -> torch.Tensor:
     """Row index that lays out contiguous blocks (of ``sizes``, in their current order) in ``order``."""
-    offsets = [0]
-    for n in sizes:
-        offsets.append(offsets[-1] + n)
+    offsets = [0, *accumulate(sizes)]
     # built on the device from host-known bounds: a host-built index copied over would block the host
     parts = [torch.arange(offsets[block], offsets[block + 1], device=device) for block in order]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
@@ -159,7 +158,7 @@ def exchange_plan(blocks: list[list[int]], topo: EPTopology, device: torch.devic
     return [step1, step2]
 
 
-def run_plan(rows: torch.Tensor, plan: list[ExchangeStep], reverse: bool = False) -> torch.Tensor:
+def run_plan(rows: torch.Tensor, plan: Sequence[ExchangeStep], reverse: bool = False) -> torch.Tensor:
     """Dispatch (rows [N, H] sorted by destination -> [N_recv, H] ordered by source) or, with
     ``reverse``, combine (the steps undone in reverse order: rows go back where they came from).
 

@@ -9,6 +9,7 @@ gathers with masks.
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import accumulate
 
 import torch
 from torch import nn
@@ -87,11 +88,8 @@ class _LoopMM(torch.autograd.Function):
 
 
 def _bounds(counts: list[int]) -> list[tuple[int, int]]:
-    out, lo = [], 0
-    for n in counts:
-        out.append((lo, lo + n))
-        lo += n
-    return out
+    ends = list(accumulate(counts))
+    return list(zip([0, *ends[:-1]], ends))
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, grouped: bool = True,

@@ -17,7 +17,7 @@ from torch import nn
 from megamoe.config import MoEConfig
 from megamoe.moe.dispatcher import CommCounters, ExpertPlacement, MoEParallel, TokenDispatcher
 from megamoe.moe.experts import GroupedExperts
-from megamoe.moe.router import Routing, RoutingGroups, expert_capacity, route
+from megamoe.moe.router import RoutingGroups, expert_capacity, route
 from megamoe.parallel.comm import all_gather_rows
 from megamoe.params import replicated
 
@@ -46,10 +46,7 @@ class MoEStats:
     recomputing: bool = False  # inside activation recomputation: the forward already counted
 
     def reset(self, grad_scale: float = 1.0) -> None:
-        self.grad_scale, self.aux, self.z, self.calls, self.output_z = grad_scale, 0.0, 0.0, 0, 0.0
-        self.tokens_per_expert = {}
-        self.comm = CommCounters()
-        self.recomputing = False
+        self.__init__(grad_scale)  # every other field back to its default
 
     @property
     def live_comm(self) -> CommCounters | None:
@@ -74,25 +71,19 @@ class MoEStats:
         """The output z-loss of one micro-batch (mean logsumexp(logits)^2), kept on the device."""
         self.output_z = self.output_z + z.double()
 
-    def _imbalance(self) -> torch.Tensor:
-        """[] fp64 on the device: max over layers of (max expert load / mean expert load)."""
-        return torch.stack([c.max().double() / c.float().mean().double().clamp_min(1e-9)
-                            for c in self.tokens_per_expert.values()]).max()
-
     def step_values(self) -> tuple[float, float, float, float]:
         """(aux sum, z sum, load imbalance, output z sum) of the step so far, read in one
         device-to-host copy; zeros when nothing ran. Imbalance: max over layers of max / mean expert
         load (1.0 is perfect balance)."""
-        values = [self.aux, self.z, self._imbalance() if self.tokens_per_expert else 0.0, self.output_z]
-        tensors = [v for v in values if isinstance(v, torch.Tensor)]
-        device = tensors[0].device if tensors else torch.device("cpu")
+        imbalance = 0.0
+        if self.tokens_per_expert:
+            imbalance = torch.stack([c.max().double() / c.float().mean().double().clamp_min(1e-9)
+                                     for c in self.tokens_per_expert.values()]).max()
+        values = [self.aux, self.z, imbalance, self.output_z]
+        device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
         aux, z, imbalance, output_z = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
                                                    for v in values]).tolist()
         return aux, z, imbalance, output_z
-
-    def imbalance(self) -> float:
-        """max over layers of (max expert load / mean expert load); 1.0 is perfect balance."""
-        return self.step_values()[2]
 
 
 class _Recomputing:
@@ -186,22 +177,13 @@ class MoELayer(nn.Module):
         rows = (sample + self.tp.rank * s + torch.arange(s, device=device)).reshape(-1)  # [b*s]
         return RoutingGroups(group_size, gather, rows)
 
-    def _route(self, x: torch.Tensor) -> Routing:
-        b, s, h = x.shape
-        logits = x.reshape(b * s, h).float() @ self.gate_weight.float().t()  # [T, E] fp32
-        groups = self._groups(b, s, x.device)
-        return route(logits, self.cfg.router_topk, self.capacity(groups.group_size), groups)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape  # s is this rank's shard under SP
         xt = x.reshape(b * s, h)  # [T, H]
-        routing = self._route(x)
-        if self.dispatcher.pipelined:  # K chunks: the experts run chunk by chunk inside the exchange
-            out = self.dispatcher.pipeline(xt, routing, self.experts)
-        else:
-            rows, counts, state = self.dispatcher.dispatch(xt, routing)  # [N_local, H], [E_local]
-            out = self.dispatcher.combine(self.experts(rows, counts, state.expert_sizes), state)  # [T, H]
-        out = out.view(b, s, h)
+        logits = xt.float() @ self.gate_weight.float().t()  # [T, E] fp32
+        groups = self._groups(b, s, x.device)
+        routing = route(logits, self.cfg.router_topk, self.capacity(groups.group_size), groups)
+        out = self.dispatcher.pipeline(xt, routing, self.experts).view(b, s, h)
         self.stats.record(self.layer, routing.aux_loss.detach(), routing.z_loss.detach(),
                           routing.tokens_per_expert.detach())
         if self.training and torch.is_grad_enabled():

@@ -58,12 +58,6 @@ def load_balancing_loss(probs_per_group: torch.Tensor, counts_per_group: torch.T
     return (fraction * (probs_per_group / group_size)).mean() * num_experts**2
 
 
-def router_z_loss(logits: torch.Tensor, total_tokens: int) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over the micro-batch's tokens of logsumexp(logits)^2 (this rank's
-    share)."""
-    return torch.logsumexp(logits, dim=-1).pow(2).sum() / total_tokens
-
-
 def capacity_keep_mask(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
     """Which assignments fit the expert buffers of their routing group, filling all top-1 choices
     before any top-2 choice, each round in token order (OpenMoE/T5X priority).
@@ -126,4 +120,5 @@ def route(logits: torch.Tensor, topk: int, capacity: int | None, groups: Routing
     return Routing(expert_ids=expert_ids, combine=top_probs * keep, keep=keep,  # dropped -> weight 0
                    tokens_per_expert=counts.sum(0),
                    aux_loss=load_balancing_loss(probs_per_group, counts, groups.group_size),
-                   z_loss=router_z_loss(logits, total))
+                   # ST-MoE z-loss: mean over the micro-batch's tokens of logsumexp^2 (this rank's share)
+                   z_loss=torch.logsumexp(logits, dim=-1).pow(2).sum() / total)
