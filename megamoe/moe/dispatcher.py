@@ -1,13 +1,10 @@
 """Token dispatch: [TP share] -> permute by expert -> [exchange over EP] -> experts -> [exchange back]
--> unpermute -> [TP gather].
-
-The permutation is computed from a routing and an expert placement table, so expert parallelism
-only adds the exchange (an all-to-all plan over the EP group, :mod:`megamoe.moe.exchange`) between
-permute and the experts, and the load balancer can move experts by changing the table.
-"""
+-> unpermute -> [TP gather]. The permutation comes from a routing and an expert placement table, so
+the load balancer can move experts by changing the table."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -15,11 +12,11 @@ import torch
 from torch import nn
 
 from megamoe.moe.exchange import (
+    ChunkPipeline,
     CommCounters,
     EPTopology,
     ExchangeStep,
     exchange_plan,
-    pipelined_exchange,
     run_plan,
 )
 from megamoe.moe.experts import GroupedExperts
@@ -92,11 +89,8 @@ class ExpertPlacement:
 
 @dataclass(frozen=True)
 class Permutation:
-    """How the kept (token, choice) assignments were sorted.
-
-    token_idx: [N] source token of each sorted row; weight: [N] its combine weight;
-    counts: [E] rows per logical expert, in dispatch (placement) order.
-    """
+    """How the kept (token, choice) assignments were sorted: token_idx [N] source token of each sorted
+    row; weight [N] its combine weight; counts [E] rows per expert, in dispatch (placement) order."""
 
     token_idx: torch.Tensor
     weight: torch.Tensor
@@ -157,12 +151,9 @@ class MoEParallel:
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """One chunk of the dispatched tokens: rows ``lo:hi`` of the (TP-shared) input.
-
-    perm: how its rows were sorted by expert; steps: its exchange plan; received: [EP, E_local] rows
-    this rank's experts get from each source EP rank, per local slot, on the device;
-    received_sizes: the same numbers on the host.
-    """
+    """One chunk of the dispatched tokens, rows ``lo:hi`` of the (TP-shared) input: perm, how they were
+    sorted by expert; steps, their exchange plan; received [EP, E_local], the rows this rank's experts
+    get from each source EP rank per local slot, on the device (received_sizes: on the host)."""
 
     lo: int
     hi: int
@@ -174,12 +165,10 @@ class ChunkPlan:
 
 @dataclass(frozen=True)
 class DispatchState:
-    """What :meth:`TokenDispatcher.combine` needs to undo a dispatch.
-
-    chunks: the per-chunk plans, in token order; expert_order: [N_local] for each expert-grouped row,
-    its row among the received ones (ordered chunk, source, slot), None when they coincide;
-    expert_sizes: rows per local expert, on the host (what a per-expert GEMM loop needs).
-    """
+    """What :meth:`TokenDispatcher.combine` needs to undo a dispatch: chunks, the per-chunk plans in
+    token order; expert_order [N_local], for each expert-grouped row its row among the received ones
+    (ordered chunk, source, slot), None when they coincide; expert_sizes, rows per local expert on
+    the host (what a per-expert GEMM loop needs)."""
 
     chunks: tuple[ChunkPlan, ...]
     expert_order: torch.Tensor | None
@@ -187,12 +176,12 @@ class DispatchState:
 
 
 def _host_counts(counts: torch.Tensor) -> list:
-    """THE device-to-host copy (host sync) of an MoE layer forward: [EP, chunks, E] -> nested lists,
-    for the all-to-all split sizes and the row counts that size everything after the routing."""
+    """THE device-to-host copy (host sync) of an MoE layer forward: every EP rank's per-chunk, per-expert
+    row counts, for the all-to-all split sizes and the row counts that size everything after routing."""
     return counts.tolist()
 
 
-def _group_by_expert(chunks: tuple[ChunkPlan, ...] | list[ChunkPlan], received: list[torch.Tensor],
+def _group_by_expert(chunks: Sequence[ChunkPlan], received: list[torch.Tensor],
                      ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
     """The rows received for ``chunks`` ([N_i, H] each, ordered source, slot) -> (rows [N_local, H]
     grouped by local expert, counts [E_local], state). No host sync: the sizes are on the host."""
@@ -227,25 +216,17 @@ def _run_experts(experts: nn.Module, rows: torch.Tensor, counts: torch.Tensor, s
 
 
 class TokenDispatcher:
-    """dispatch -> experts -> combine for one MoE layer.
-
-    ``dispatch(x, routing)``: this rank's tokens x [T, H] -> (rows [N_local, H] for its local experts,
-    grouped by local expert, their counts [E_local], a :class:`DispatchState`); ``combine(y, state)``:
-    the experts' outputs for those rows -> [T, H] = sum_k combine_k * expert_k(x). Behind the two:
+    """dispatch -> experts -> combine for one MoE layer, behind which:
 
     - TP-dedup (TP > 1 without SP, ``tp_dedup``): TP ranks hold identical tokens, so each dispatches
-      only its 1/TP share; combine all-gathers the shares (forward: split / all-gather; backward:
-      all-gather / split, so x and the router see full gradients on every rank);
+      only its 1/TP share and combine all-gathers the shares;
     - permute by expert, then (EP > 1) the flat or hierarchical all-to-all plan out and back;
     - ``chunks`` K > 1 (with EP): the tokens go in K chunks, each with its own exchange.
 
     ``pipeline(x, routing, experts)`` runs all three; when ``pipelined`` (K > 1, flat EP exchange)
-    every chunk's all-to-all starts at once and chunk i's experts run while chunk i+1's rows are in
-    flight (:func:`~megamoe.moe.exchange.pipelined_exchange`; backward overlaps the same way).
-    dispatch / combine with K > 1 exchange the chunks one after the other (same rows and traffic).
-
-    All-to-all traffic is counted once per forward, when a chunk is planned, into
-    ``stats.live_comm`` (nowhere while recomputing).
+    chunk i's experts run while chunk i+1's rows are in flight (:class:`~megamoe.moe.exchange.ChunkPipeline`);
+    dispatch / combine exchange the chunks one after the other (same rows and traffic).
+    All-to-all traffic is counted once per forward, when planned, into ``stats.live_comm``.
     """
 
     def __init__(self, placement: ExpertPlacement, par: MoEParallel, stats: TrafficSink) -> None:
@@ -285,14 +266,13 @@ class TokenDispatcher:
             return _ungroup(_run_experts(experts, grouped, counts, state), state)
 
         params = [p for p in experts.parameters() if p.requires_grad]
-        ys = pipelined_exchange(rows, [chunk.steps[0] for chunk in chunks], chunk_experts, params)
+        ys = ChunkPipeline.apply(chunk_experts, [c.steps[0] for c in chunks], len(rows), *rows, *params)
         return self._unpermute(ys, chunks)
 
-    def _unpermute(self, ys: list[torch.Tensor], chunks: tuple[ChunkPlan, ...] | list[ChunkPlan],
-                   ) -> torch.Tensor:
-        """Each chunk's outputs back at their source [N_i, H] -> [T, H]. Under TP-dedup, all-gather the
-        [T/TP, H] shares (forward: all-gather over TP; backward: keep my share's gradient, as every
-        TP rank computes the same full gradient)."""
+    def _unpermute(self, ys: Sequence[torch.Tensor], chunks: Sequence[ChunkPlan]) -> torch.Tensor:
+        """Each chunk's outputs back at their source [N_i, H] -> [T, H]; under TP-dedup, all-gather
+        the shares (forward: all-gather over TP; backward: keep my share's gradient, as every TP rank
+        computes the same full gradient)."""
         outs = [unpermute(y, chunk.perm, chunk.hi - chunk.lo) for y, chunk in zip(ys, chunks)]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         if not self.par.dedup_active:
@@ -300,12 +280,10 @@ class TokenDispatcher:
         return gather_from_sequence(out, self.par.tp.group, dim=0, reduce_grad=False)
 
     def _plan(self, x: torch.Tensor, routing: Routing) -> tuple[list[ChunkPlan], list[torch.Tensor]]:
-        """Take this rank's share of x [T, H] (all of it but under TP-dedup: forward split, backward
-        all-gather), split it into K token chunks (1 without EP), permute each by expert and plan its
-        exchange; counts the traffic. Returns the plans and each chunk's rows [N_i, H].
-
-        One host sync for all chunks: every chunk is sorted on the device, their per-expert counts
-        are all-gathered over EP on the device, and :func:`_host_counts` copies the lot to the host."""
+        """This rank's x [T, H] (under TP-dedup its 1/TP share: forward split, backward all-gather) in
+        K token chunks (1 without EP), each permuted by expert, its exchange planned and its traffic
+        counted -> the plans and each chunk's rows [N_i, H]. One host sync for all chunks: every
+        chunk's per-expert counts are all-gathered over EP on the device and copied at once."""
         if self.par.dedup_active:
             group = self.par.tp.group
             routing = routing.select(self.par.tp.shard_range(x.shape[0]),

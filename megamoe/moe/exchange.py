@@ -1,9 +1,5 @@
 """Expert-parallel exchange: all-to-all plans (flat or hierarchical), their traffic counters, and the
-K-chunk pipeline that overlaps the exchange with the experts.
-
-Only communication lives here (the collectives themselves are in :mod:`megamoe.parallel.comm`); the
-permutation math and the dispatcher that drives these plans are in :mod:`megamoe.moe.dispatcher`.
-"""
+K-chunk pipeline that overlaps the exchange with the experts (the dispatcher drives them)."""
 
 from __future__ import annotations
 
@@ -18,11 +14,9 @@ from megamoe.parallel.comm import all_to_all, all_to_all_async
 
 @dataclass(frozen=True)
 class EPTopology:
-    """This rank's expert-parallel group and, for hierarchical all-to-all, its node split.
-
-    members: global ranks of the EP group (EP index order); intra/inter: groups (and members) of the
-    EP ranks on this node / at this node position on every node.
-    """
+    """This rank's expert-parallel group (members: global ranks, in EP index order) and, for the
+    hierarchical all-to-all, the groups (and members) of the EP ranks on this node (intra) and at
+    this node position on every node (inter)."""
 
     group: object | None
     members: tuple[int, ...]
@@ -51,13 +45,12 @@ class EPTopology:
 
     @staticmethod
     def from_mesh(mesh, hierarchical: bool) -> EPTopology:  # mesh: ParallelMesh
-        return EPTopology(group=mesh.groups.get("ep"), members=tuple(mesh.members["ep"]),
-                          rank=mesh.rank, intra=mesh.groups.get("ep_intra"),
-                          intra_members=tuple(mesh.members["ep_intra"]),
-                          inter=mesh.groups.get("ep_inter"),
-                          inter_members=tuple(mesh.members["ep_inter"]),
+        groups, members = mesh.groups, mesh.members
+        return EPTopology(group=groups.get("ep"), members=tuple(members["ep"]), rank=mesh.rank,
+                          intra=groups.get("ep_intra"), intra_members=tuple(members["ep_intra"]),
+                          inter=groups.get("ep_inter"), inter_members=tuple(members["ep_inter"]),
                           ranks_per_node=mesh.ranks_per_node,
-                          hierarchical=hierarchical and len(mesh.members["ep_inter"]) > 1)
+                          hierarchical=hierarchical and len(members["ep_inter"]) > 1)
 
 
 @dataclass(frozen=True)
@@ -108,8 +101,7 @@ def _reorder_blocks(sizes: list[int], order: list[int], device: torch.device) ->
     """Row index that lays out contiguous blocks (of ``sizes``, in their current order) in ``order``."""
     offsets = [0, *accumulate(sizes)]
     # built on the device from host-known bounds: a host-built index copied over would block the host
-    parts = [torch.arange(offsets[block], offsets[block + 1], device=device) for block in order]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
+    return torch.cat([torch.arange(offsets[block], offsets[block + 1], device=device) for block in order])
 
 
 def exchange_plan(blocks: list[list[int]], topo: EPTopology, device: torch.device,
@@ -175,7 +167,7 @@ def run_plan(rows: torch.Tensor, plan: Sequence[ExchangeStep], reverse: bool = F
     return rows
 
 
-class _ChunkPipeline(torch.autograd.Function):
+class ChunkPipeline(torch.autograd.Function):
     """K chunks through (all-to-all -> experts -> all-to-all back), pipelined.
 
     forward: every chunk's dispatch all-to-all starts at once; as chunk i arrives its experts run
@@ -188,8 +180,9 @@ class _ChunkPipeline(torch.autograd.Function):
     returns them, so autograd accumulates each parameter's gradient -- and fires its post-accumulate
     hook -- exactly once per backward, as the gradient-reduction buckets expect.
 
-    inputs: ``num_chunks`` row tensors ([N_i, H], sorted by destination), then the parameters;
-    steps: each chunk's flat exchange step; experts(i, received rows of chunk i) -> their outputs.
+    apply(experts, steps, num_chunks, *rows, *params): experts(i, received rows of chunk i) -> their
+    outputs; steps: each chunk's flat exchange step; rows: each chunk's [N_i, H], sorted by
+    destination; params: the tensors ``experts`` trains. -> each chunk's outputs back at the source.
     """
 
     @staticmethod
@@ -226,8 +219,7 @@ class _ChunkPipeline(torch.autograd.Function):
             for j, grad in enumerate(grad_params):
                 if grad is not None:
                     param_grads[j] = grad if param_grads[j] is None else param_grads[j].add_(grad)
-            if grad_recv is None:  # experts that ignore their input
-                grad_recv = torch.zeros_like(recv)
+            grad_recv = torch.zeros_like(recv) if grad_recv is None else grad_recv  # input ignored
             back.append(all_to_all_async(grad_recv, step.send_splits, step.recv_splits, step.group))
         for _, work in back:
             work.wait()
@@ -236,12 +228,3 @@ class _ChunkPipeline(torch.autograd.Function):
         param_grads = [torch.zeros_like(p) if g is None else g for g, p in zip(param_grads, params)]
         return (None, None, None, *(buf for buf, _ in back), *param_grads)
 
-
-def pipelined_exchange(rows: list[torch.Tensor], steps: list[ExchangeStep],
-                       experts: Callable[[int, torch.Tensor], torch.Tensor],
-                       params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each chunk's rows ([N_i, H], sorted by destination) -> its expert outputs back at the source,
-    in the same order, via :class:`_ChunkPipeline`. ``params``: the tensors ``experts`` trains.
-
-    forward: per chunk, all-to-all out and back; backward: the same all-to-alls with splits swapped."""
-    return list(_ChunkPipeline.apply(experts, steps, len(rows), *rows, *params))

@@ -1,10 +1,6 @@
-"""Grouped expert MLP: all local experts in one computation over tokens sorted by expert.
-
-Input rows arrive sorted by local expert with ``counts[e]`` rows for expert e. The grouped path runs
-each projection as ONE ``torch._grouped_mm`` over all experts (CPU fp32, CUDA bf16 on sm90+); the
-loop path runs one GEMM per expert over its contiguous slice (reference and fallback). Neither
-gathers with masks.
-"""
+"""Grouped expert MLP over rows sorted by local expert (``counts[e]`` rows for expert e): each
+projection is ONE ``torch._grouped_mm`` over all experts (CPU fp32, CUDA bf16 on sm90+), or one GEMM
+per expert's contiguous slice (reference and fallback); neither gathers with masks."""
 
 from __future__ import annotations
 
@@ -56,15 +52,16 @@ class _GroupedMM(torch.autograd.Function):
 
 
 class _LoopMM(torch.autograd.Function):
-    """The same contract as _GroupedMM, one GEMM per group, each written straight into its rows of one
-    output (no cat, and an empty group's weight gradient is its only zero fill)."""
+    """The same contract as _GroupedMM but for the groups' row ranges ``bounds`` [(lo, hi)] on the host:
+    one GEMM per group, each written straight into its rows of one output (no cat, and an empty
+    group's weight gradient is its only zero fill)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        ctx.counts = counts
+        ctx.bounds = bounds
         y = x.new_empty(x.shape[0], w.shape[-1])
-        for g, (lo, hi) in enumerate(_bounds(counts)):
+        for g, (lo, hi) in enumerate(bounds):
             if hi > lo:
                 torch.mm(x[lo:hi], w[g], out=y[lo:hi])
         return y
@@ -75,7 +72,7 @@ class _LoopMM(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
         dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_w else None
-        for g, (lo, hi) in enumerate(_bounds(ctx.counts)):
+        for g, (lo, hi) in enumerate(ctx.bounds):
             if hi == lo:
                 if need_w:
                     dw[g].zero_()
@@ -85,11 +82,6 @@ class _LoopMM(torch.autograd.Function):
             if need_w:
                 torch.mm(x[lo:hi].t(), dy[lo:hi], out=dw[g])
         return dx, dw, None
-
-
-def _bounds(counts: list[int]) -> list[tuple[int, int]]:
-    ends = list(accumulate(counts))
-    return list(zip([0, *ends[:-1]], ends))
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, grouped: bool = True,
@@ -109,18 +101,18 @@ def _grouped_mm_fn(x: torch.Tensor, counts: torch.Tensor, grouped: bool, sizes: 
     if grouped and x.shape[0] > 0 and grouped_mm_supported(x.device, dtype):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return lambda a, w: _GroupedMM.apply(a.to(dtype), w.to(dtype), offs)
-    sizes = counts.tolist() if sizes is None else list(sizes)
+    sizes = counts.tolist() if sizes is None else sizes
     if sum(sizes) != x.shape[0]:
         raise ValueError(f"counts sum to {sum(sizes)}, x has {x.shape[0]} rows")
-    return lambda a, w: _LoopMM.apply(a.to(dtype), w.to(dtype), sizes)
+    ends = list(accumulate(sizes))
+    bounds = list(zip([0, *ends[:-1]], ends))
+    return lambda a, w: _LoopMM.apply(a.to(dtype), w.to(dtype), bounds)
 
 
 class GroupedExperts(nn.Module):
-    """E_local experts, each an OpenMoE gated FFN; weights stored HF-style.
-
-    wi_gate [E_local, H, 2I], wi_up [E_local, H, I], wo [E_local, I, H]. ``expert_ids`` are the global
-    ids of the local slots, which seed their initialisation (docs/ARCHITECTURE.md, "Layout invariance").
-    """
+    """E_local experts, each an OpenMoE gated FFN, weights HF-style: wi_gate [E_local, H, 2I], wi_up
+    [E_local, H, I], wo [E_local, I, H]. ``expert_ids``: the global ids of the local slots, which seed
+    their initialisation (docs/ARCHITECTURE.md, "Layout invariance")."""
 
     def __init__(self, hidden: int, ffn: int, expert_ids: list[int], std: float, out_std: float,
                  grouped: bool = True, truncated: bool = False) -> None:

@@ -1,10 +1,8 @@
 """MoELayer = router + token dispatcher + grouped experts: route -> dispatch -> experts -> combine.
 
-The router's aux and z losses do not travel through the model's return values: an autograd function
-attaches their gradient to the layer output (Megatron's MoEAuxLossAutoScaler idea), so every pipeline
-stage contributes its routers' losses to backward without plumbing, and a per-model
-:class:`MoEStats` collects detached values for logging.
-"""
+The router's losses are not returned: :func:`attach_loss` puts their gradient on the layer output
+(Megatron's MoEAuxLossAutoScaler idea), so every pipeline stage's routers reach backward without
+plumbing; a per-model :class:`MoEStats` collects detached values for logging."""
 
 from __future__ import annotations
 
@@ -29,10 +27,9 @@ class MoEStats:
     """Per-model accumulator, reset by the training step.
 
     grad_scale: multiplies the router-loss gradient (1 / number of micro-batches per step).
-    aux/z: sums of per-layer loss values (this rank's share: sum over TP under SP for the layer's
-    loss), fp64 scalars on the layer's device (0.0 before the first record): reading them every
-    forward would block the host, so :meth:`step_values` reads everything once per step;
-    calls: number of (layer, micro-batch) evaluations;
+    aux/z: sums of per-layer loss values (this rank's share under SP), fp64 scalars on the layer's
+    device (0.0 before the first record): :meth:`step_values` reads everything once per step, as a
+    read every forward would block the host; calls: number of (layer, micro-batch) evaluations;
     tokens_per_expert: summed assignment counts per MoE layer (load imbalance metric), on the device.
     """
 
@@ -81,9 +78,8 @@ class MoEStats:
                                      for c in self.tokens_per_expert.values()]).max()
         values = [self.aux, self.z, imbalance, self.output_z]
         device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
-        aux, z, imbalance, output_z = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
-                                                   for v in values]).tolist()
-        return aux, z, imbalance, output_z
+        return tuple(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                                  for v in values]).tolist())
 
 
 class _Recomputing:
@@ -123,11 +119,8 @@ class _AttachLoss(torch.autograd.Function):
 
 
 class MoELayer(nn.Module):
-    """Token-choice top-k MoE. Parameters use HF OpenMoE names: gate_weight [E, H], experts.*.
-
-    forward: route (all tokens of this rank) -> dispatch (TP share, permute by expert, exchange over
-    EP) -> grouped experts -> combine (exchange back, unpermute, TP all-gather): see TokenDispatcher.
-    """
+    """Token-choice top-k MoE (route this rank's tokens, then :class:`TokenDispatcher`'s dispatch ->
+    grouped experts -> combine). Parameters use HF OpenMoE names: gate_weight [E, H], experts.*."""
 
     def __init__(self, layer: int, hidden: int, ffn: int, moe: MoEConfig, std: float,
                  out_std: float, stats: MoEStats, placement: ExpertPlacement | None = None,
@@ -155,9 +148,8 @@ class MoELayer(nn.Module):
         cf = self.cfg.capacity_factor
         if not self.training and self.cfg.eval_capacity_factor is not None:
             cf = self.cfg.eval_capacity_factor
-        if cf is None:
-            return None
-        return expert_capacity(cf, tokens, self.cfg.num_experts, self.cfg.min_capacity)
+        return None if cf is None else expert_capacity(cf, tokens, self.cfg.num_experts,
+                                                       self.cfg.min_capacity)
 
     def _groups(self, b: int, s: int, device: torch.device) -> RoutingGroups:
         """This rank's [b, s] tokens in the micro-batch's routing groups. Under SP it holds positions

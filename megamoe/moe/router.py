@@ -1,8 +1,5 @@
-"""OpenMoE router math: fp32 gate, softmax over all experts, top-k, capacity, aux and z losses.
-
-Pure functions of the router logits, so they are testable by hand and identical under every layout.
-T = tokens in the routing group (the micro-batch), E = experts, k = top-k.
-"""
+"""OpenMoE router math: softmax over all experts, top-k, capacity, aux and z losses. Pure functions
+of the fp32 router logits, identical under every layout. T = tokens, E = experts, k = top-k."""
 
 from __future__ import annotations
 
@@ -41,21 +38,6 @@ class Routing:
 def expert_capacity(capacity_factor: float, tokens: int, num_experts: int, min_capacity: int) -> int:
     """OpenMoE/T5X: round(cf * tokens_per_group / E) -- no factor k -- and at least min_capacity."""
     return max(int(round(capacity_factor * tokens / num_experts)), min_capacity)
-
-
-def load_balancing_loss(probs_per_group: torch.Tensor, counts_per_group: torch.Tensor,
-                        group_size: int) -> torch.Tensor:
-    """Switch/flaxformer loss, averaged over routing groups: E^2 * mean_g mean_e(fraction * mean_prob).
-
-    probs_per_group: [G, E] sum of this rank's softmax probabilities per group; counts_per_group:
-    [G, E] assignments of ALL the group's tokens per expert (a token counts once per expert it chose,
-    so the loss is k when perfectly balanced); no gradient flows through the counts, as in flaxformer.
-    Both divide by the group's token count, so with a group's tokens sharded over ranks (sequence
-    parallelism) the per-rank losses SUM to the group loss.
-    """
-    num_experts = probs_per_group.shape[-1]
-    fraction = counts_per_group.to(probs_per_group.dtype) / group_size
-    return (fraction * (probs_per_group / group_size)).mean() * num_experts**2
 
 
 def capacity_keep_mask(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
@@ -109,16 +91,20 @@ def route(logits: torch.Tensor, topk: int, capacity: int | None, groups: Routing
     counts = torch.zeros(num_groups, num_experts, dtype=torch.int64, device=logits.device)
     flat = grouped.reshape(num_groups, -1)
     counts.scatter_add_(1, flat, torch.ones_like(flat))
+    mine = slice(None) if groups.rows is None else groups.rows  # this rank's tokens among all
     if capacity is None:
         keep = torch.ones_like(expert_ids, dtype=torch.bool)
     else:
-        keep = capacity_keep_mask(grouped, num_experts, capacity).reshape(total, topk)
-        keep = keep if groups.rows is None else keep[groups.rows]
-    group_of_token = torch.arange(total, device=logits.device) // groups.group_size
-    group_of_token = group_of_token if groups.rows is None else group_of_token[groups.rows]  # [T]
+        keep = capacity_keep_mask(grouped, num_experts, capacity).reshape(total, topk)[mine]
+    group_of_token = (torch.arange(total, device=logits.device) // groups.group_size)[mine]  # [T]
+    # Switch/flaxformer aux loss averaged over groups: E^2 * mean_g mean_e(fraction * mean prob), with
+    # fraction from ALL the group's tokens (a token counts once per chosen expert: k when perfectly
+    # balanced; no gradient through the counts, as in flaxformer) and probabilities summed over this
+    # rank's; both divided by the group size, so SP ranks' losses SUM to the group loss.
     probs_per_group = probs.new_zeros(num_groups, num_experts).index_add_(0, group_of_token, probs)
+    fraction = counts.to(probs.dtype) / groups.group_size  # [G, E]
+    aux_loss = (fraction * (probs_per_group / groups.group_size)).mean() * num_experts**2
     return Routing(expert_ids=expert_ids, combine=top_probs * keep, keep=keep,  # dropped -> weight 0
-                   tokens_per_expert=counts.sum(0),
-                   aux_loss=load_balancing_loss(probs_per_group, counts, groups.group_size),
+                   tokens_per_expert=counts.sum(0), aux_loss=aux_loss,
                    # ST-MoE z-loss: mean over the micro-batch's tokens of logsumexp^2 (this rank's share)
                    z_loss=torch.logsumexp(logits, dim=-1).pow(2).sum() / total)
