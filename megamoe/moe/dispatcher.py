@@ -54,13 +54,11 @@ class ExpertPlacement:
     @staticmethod
     def from_ranks(rank_of: list[int], ep_size: int) -> ExpertPlacement:
         """A table from each logical expert's EP rank; slots follow expert order on each rank."""
-        slots, held = [], [0] * ep_size
-        for rank in rank_of:
-            slots.append(held[rank])
-            held[rank] += 1
-        if held != [len(rank_of) // ep_size] * ep_size:
+        num_local = len(rank_of) // ep_size
+        if sorted(rank_of) != [rank for rank in range(ep_size) for _ in range(num_local)]:
             raise ValueError(f"placement {rank_of} does not give each of {ep_size} EP ranks "
-                             f"{len(rank_of) // ep_size} experts")
+                             f"{num_local} experts")
+        slots = [rank_of[:e].count(rank) for e, rank in enumerate(rank_of)]  # earlier experts on its rank
         return ExpertPlacement(rank_of=tuple(rank_of), slot_of=tuple(slots), ep_size=ep_size)
 
     @property
@@ -100,7 +98,6 @@ class Permutation:
 def sort_by_expert(routing: Routing, placement: ExpertPlacement) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (order [T*k]: the flat token-major (token, choice) indices sorted by the dispatch position
     of their expert, stably, dropped ones last; counts [E]: kept assignments per dispatch position).
-
     On the device, without data-dependent shapes: dropped assignments get the key E instead of being
     masked out, and the number of rows to dispatch (counts.sum()) is left for the host to read once."""
     num_experts = placement.num_experts
@@ -185,16 +182,15 @@ def _group_by_expert(chunks: Sequence[ChunkPlan], received: list[torch.Tensor],
                      ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
     """The rows received for ``chunks`` ([N_i, H] each, ordered source, slot) -> (rows [N_local, H]
     grouped by local expert, counts [E_local], state). No host sync: the sizes are on the host."""
-    per_source = [chunk.received for chunk in chunks]  # [EP, E_local] each
-    counts = torch.stack(per_source).sum((0, 1))  # [E_local]
+    per_source = torch.stack([chunk.received for chunk in chunks])  # [chunks, EP, E_local]
+    counts = per_source.sum((0, 1))  # [E_local]
     rows_per_slot = [row for chunk in chunks for row in chunk.received_sizes]  # [chunks*EP][E_local]
     sizes = [sum(column) for column in zip(*rows_per_slot)]
     rows = received[0] if len(received) == 1 else torch.cat(received)
     order = None
     if len(rows_per_slot) > 1:  # more than one chunk or source: the slots interleave
-        num_sources, num_local = per_source[0].shape
-        slots = torch.arange(num_local, device=counts.device).repeat(num_sources * len(chunks))
-        slot_of_row = slots.repeat_interleave(torch.cat(per_source).reshape(-1),
+        slots = torch.arange(per_source.shape[-1], device=counts.device).repeat(len(rows_per_slot))
+        slot_of_row = slots.repeat_interleave(per_source.reshape(-1),
                                               output_size=sum(sizes))  # [N_local]; size given: no sync
         order = torch.argsort(slot_of_row, stable=True)
         rows = rows[order]
@@ -208,8 +204,8 @@ def _ungroup(y: torch.Tensor, state: DispatchState) -> torch.Tensor:
 
 def _run_experts(experts: nn.Module, rows: torch.Tensor, counts: torch.Tensor, state: DispatchState,
                  ) -> torch.Tensor:
-    """experts(rows, counts); GroupedExperts also gets the host sizes (its per-expert GEMM loop would
-    otherwise read ``counts`` back, a host sync). Other modules keep the two-argument contract."""
+    """experts(rows, counts), plus the host sizes for GroupedExperts (its per-expert GEMM loop would
+    otherwise read ``counts`` back, a host sync)."""
     if isinstance(experts, GroupedExperts):
         return experts(rows, counts, state.expert_sizes)
     return experts(rows, counts)
@@ -260,8 +256,7 @@ class TokenDispatcher:
             return self.combine(_run_experts(experts, rows, counts, state), state)
         chunks, rows = self._plan(x, routing)
 
-        def chunk_experts(i: int, received: torch.Tensor) -> torch.Tensor:
-            """Chunk i's received rows [N_i, H], ordered (source, slot) -> outputs, same order."""
+        def chunk_experts(i: int, received: torch.Tensor) -> torch.Tensor:  # [N_i, H] (source, slot)
             grouped, counts, state = _group_by_expert([chunks[i]], [received])
             return _ungroup(_run_experts(experts, grouped, counts, state), state)
 
@@ -274,10 +269,9 @@ class TokenDispatcher:
         the shares (forward: all-gather over TP; backward: keep my share's gradient, as every TP rank
         computes the same full gradient)."""
         outs = [unpermute(y, chunk.perm, chunk.hi - chunk.lo) for y, chunk in zip(ys, chunks)]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        if not self.par.dedup_active:
-            return out
-        return gather_from_sequence(out, self.par.tp.group, dim=0, reduce_grad=False)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T/TP or T, H]
+        dedup = self.par.dedup_active
+        return gather_from_sequence(out, self.par.tp.group, dim=0, reduce_grad=False) if dedup else out
 
     def _plan(self, x: torch.Tensor, routing: Routing) -> tuple[list[ChunkPlan], list[torch.Tensor]]:
         """This rank's x [T, H] (under TP-dedup its 1/TP share: forward split, backward all-gather) in

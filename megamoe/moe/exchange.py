@@ -83,7 +83,7 @@ class CommCounters:
         for step in plan:
             for splits in (step.send_splits, step.recv_splits):  # dispatch sends, combine sends back
                 for rows, peer in zip(splits, step.peers):
-                    if rows == 0 or peer == topo.rank:
+                    if rows == 0 or peer == topo.rank:  # nothing sent, or sent to itself
                         continue
                     if topo.node_of(peer) == me:
                         self.bytes_intra += rows * row_bytes
@@ -106,11 +106,8 @@ def _reorder_blocks(sizes: list[int], order: list[int], device: torch.device) ->
 
 def exchange_plan(blocks: list[list[int]], topo: EPTopology, device: torch.device,
                   ) -> list[ExchangeStep]:
-    """Steps that deliver, for every (source, destination) pair of the EP group, the source's rows
-    for the destination.
-
-    blocks[source][destination]: rows sent (EP indices). Rows leave sorted by destination and arrive
-    ordered by source, whichever plan is used:
+    """Steps that deliver blocks[source][destination] rows (EP indices) from every source to every
+    destination. Rows leave sorted by destination and arrive ordered by source, whichever plan is used:
       flat         one all-to-all over the EP group;
       hierarchical (N nodes x L ranks) intra-node all-to-all to the peer at the destination's node
                    position, then an inter-node all-to-all among same-position ranks: each rank sends
@@ -153,7 +150,6 @@ def exchange_plan(blocks: list[list[int]], topo: EPTopology, device: torch.devic
 def run_plan(rows: torch.Tensor, plan: Sequence[ExchangeStep], reverse: bool = False) -> torch.Tensor:
     """Dispatch (rows [N, H] sorted by destination -> [N_recv, H] ordered by source) or, with
     ``reverse``, combine (the steps undone in reverse order: rows go back where they came from).
-
     forward: one all-to-all per step; backward: the same all-to-alls with the splits swapped."""
     for step in (reversed(plan) if reverse else plan):
         if reverse:

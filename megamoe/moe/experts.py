@@ -16,13 +16,11 @@ from megamoe.params import expert
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm runs for these operands (checked, not assumed)."""
-    if not hasattr(torch, "_grouped_mm"):
+    if not hasattr(torch, "_grouped_mm") or device.type not in ("cpu", "cuda"):
         return False
     if device.type == "cpu":
         return dtype in (torch.float32, torch.bfloat16)
-    if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
-    return False
+    return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 class _GroupedMM(torch.autograd.Function):

@@ -159,10 +159,9 @@ class MoELayer(nn.Module):
         group_size = self.cfg.router_group_size or b * s * tp
         if tp == 1:
             return RoutingGroups(group_size)
-        group = self.tp.group
 
         def gather(ids: torch.Tensor) -> torch.Tensor:  # [b*s, k] -> [tp, b, s, k] -> [b*tp*s, k]
-            every = all_gather_rows(ids.view(b, s, -1), group)
+            every = all_gather_rows(ids.view(b, s, -1), self.tp.group)
             return every.transpose(0, 1).reshape(b * tp * s, -1)
 
         sample = torch.arange(b, device=device).unsqueeze(1) * (s * tp)

@@ -11,8 +11,7 @@ import torch
 
 @dataclass
 class Routing:
-    """Result of routing T tokens.
-
+    """Result of routing T tokens:
     expert_ids: [T, k] int64 chosen experts (column 0 = top-1).
     combine:    [T, k] fp32 combine weights: the un-renormalised softmax probability, 0 where dropped.
     keep:       [T, k] bool, False for assignments dropped by the capacity limit.
@@ -72,12 +71,10 @@ class RoutingGroups:
 
 def route(logits: torch.Tensor, topk: int, capacity: int | None, groups: RoutingGroups | None = None,
           ) -> Routing:
-    """Route this rank's tokens given fp32 logits [T, E]; ``capacity=None`` is dropless.
-
-    When the micro-batch is sharded over ranks (sequence parallelism), ``groups.gather`` brings every
-    rank's top-k choices (small ints) so that counts, capacity positions and drops are those of the
-    whole group; aux and z losses are then this rank's additive share.
-    """
+    """Route this rank's tokens given fp32 logits [T, E]; ``capacity=None`` is dropless. When the
+    micro-batch is sharded over ranks (sequence parallelism), ``groups.gather`` brings every rank's
+    top-k choices (small ints) so that counts, capacity positions and drops are those of the whole
+    group; aux and z losses are then this rank's additive share."""
     num_experts = logits.shape[-1]
     groups = groups or RoutingGroups(group_size=logits.shape[0])  # one group: this rank's tokens
     probs = torch.softmax(logits, dim=-1)  # [T, E] over ALL experts
