@@ -174,7 +174,12 @@ class MoELayer(nn.Module):
         logits = xt.float() @ self.gate_weight.float().t()  # [T, E] fp32
         groups = self._groups(b, s, x.device)
         routing = route(logits, self.cfg.router_topk, self.capacity(groups.group_size), groups)
-        out = self.dispatcher.pipeline(xt, routing, self.experts).view(b, s, h)
+        if self.dispatcher.pipelined:  # K chunks: the experts run inside the exchange, overlapped
+            out = self.dispatcher.pipeline(xt, routing, self.experts)
+        else:
+            rows, counts, state = self.dispatcher.dispatch(xt, routing)  # [N_local, H], [E_local]
+            out = self.dispatcher.combine(self.experts(rows, counts, state.expert_sizes), state)  # [T, H]
+        out = out.view(b, s, h)
         self.stats.record(self.layer, routing.aux_loss.detach(), routing.z_loss.detach(),
                           routing.tokens_per_expert.detach())
         if self.training and torch.is_grad_enabled():
