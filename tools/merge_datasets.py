@@ -3,6 +3,9 @@
     python tools/merge_datasets.py --input PREFIX1 PREFIX2 ... --output-prefix OUT
     python tools/merge_datasets.py --input DIR --output-prefix OUT    # every PREFIX.idx/.bin in DIR,
                                                                       # in sorted name order
+
+OUT.bin/.idx are written under temporary names and renamed into place once complete and synced, so a
+failed merge leaves any previous OUT as it was; an existing OUT is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from megamoe.data.errors import DataError  # noqa: E402
 from megamoe.data.indexed_dataset import (  # noqa: E402
     IndexedDataset,
     IndexedDatasetBuilder,
+    WriteAside,
     bin_path,
+    existing_outputs,
     idx_path,
 )
 
@@ -34,11 +39,12 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return inputs
 
 
-def merge(inputs: list[str], output_prefix: str) -> int:
+def merge(inputs: list[str], output_prefix: str, overwrite: bool = False) -> int:
     """Write OUT.bin/.idx; returns the number of sequences."""
     prefixes = expand_inputs(inputs)
     if os.path.abspath(output_prefix) in {os.path.abspath(p) for p in prefixes}:
         raise DataError(f"{output_prefix}: the output prefix is also an input; choose another")
+    existing_outputs([bin_path(output_prefix), idx_path(output_prefix)], overwrite)
     datasets = [IndexedDataset(p) for p in prefixes]  # validates every input before writing
     for p, ds in zip(prefixes, datasets):
         if ds.dtype != datasets[0].dtype:
@@ -46,17 +52,14 @@ def merge(inputs: list[str], output_prefix: str) -> int:
                             f"of {prefixes[0]}; merge only data preprocessed with the same tokenizer")
     total = sum(len(ds) for ds in datasets)
     del datasets
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    builder = IndexedDatasetBuilder(bin_path(output_prefix), IndexedDataset(prefixes[0]).dtype)
-    try:
+    with WriteAside() as aside:
+        os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+        builder = IndexedDatasetBuilder(aside.path(bin_path(output_prefix)),
+                                        IndexedDataset(prefixes[0]).dtype)
         for p in prefixes:
             builder.add_index(p)
-        builder.finalize(idx_path(output_prefix))
-    except BaseException:
-        for path in (bin_path(output_prefix), idx_path(output_prefix)):
-            if os.path.exists(path):
-                os.remove(path)
-        raise
+        builder.finalize(aside.path(idx_path(output_prefix)))
+        aside.commit()
     return total
 
 
@@ -64,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="prefixes, or one directory of them")
     p.add_argument("--output-prefix", required=True, help="writes OUT.bin and OUT.idx")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT.bin/.idx (only once the merged one is complete)")
     args = p.parse_args(argv)
     try:
-        n = merge(args.input, args.output_prefix)
+        n = merge(args.input, args.output_prefix, args.overwrite)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

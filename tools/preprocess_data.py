@@ -13,6 +13,10 @@ files that are merged, in order, at the end.
 Malformed lines (invalid JSON or UTF-8, not an object, a key missing, a non-string value) are skipped,
 and their count and the first such line number are reported on stderr; --strict makes the first one
 an error instead. Blank lines are ignored. An input with no documents is an error.
+
+Outputs are written under temporary names and renamed into place only once every output is complete
+and synced: a failed run (bad input, full disk, interrupt) leaves any previous dataset as it was. An
+existing dataset is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from megamoe.data.errors import DataError  # noqa: E402
 from megamoe.data.indexed_dataset import (  # noqa: E402
     DType,
     IndexedDatasetBuilder,
+    WriteAside,
     bin_path,
+    existing_outputs,
     idx_path,
 )
 from megamoe.data.tokenizer import build_tokenizer  # noqa: E402
@@ -201,12 +207,11 @@ class Progress:
             self.bar.close()
 
 
-def process_range(args: argparse.Namespace, start: int, end: int, first_line: int, prefix: str,
-                  workers: int, position: int = 0) -> Stats:
-    """Tokenise input bytes [start, end) into PREFIX_KEY_document.bin/.idx for each key."""
+def process_range(args: argparse.Namespace, start: int, end: int, first_line: int,
+                  outputs: list[tuple[str, str]], workers: int, position: int = 0) -> Stats:
+    """Tokenise input bytes [start, end) into one (.bin path, .idx path) of ``outputs`` per key."""
     encoder_args = (args.tokenizer_type, args.tokenizer_model, args.json_keys, args.append_eod)
-    builders = [IndexedDatasetBuilder(bin_path(output_prefix(prefix, k)), args.dtype)
-                for k in args.json_keys]
+    builders = [IndexedDatasetBuilder(b, args.dtype) for b, _ in outputs]
     stats, progress = Stats(), Progress(args, end - start, position)
     try:
         for nbytes, results in _ordered_results(read_batches(args.input, start, end, first_line),
@@ -230,29 +235,34 @@ def process_range(args: argparse.Namespace, start: int, end: int, first_line: in
             progress.update(stats, nbytes, docs_before)
     finally:
         progress.close()
-    for k, builder in zip(args.json_keys, builders):
-        builder.finalize(idx_path(output_prefix(prefix, k)))
+    for (_, idx), builder in zip(outputs, builders):
+        builder.finalize(idx)
     return stats
 
 
-def _run_partition(args, rng, prefix, workers, position, queue) -> None:
+def _run_partition(args, rng, outputs, workers, position, queue) -> None:
     try:
-        queue.put((position, process_range(args, *rng, prefix, workers, position), None))
+        queue.put((position, process_range(args, *rng, outputs, workers, position), None))
     except DataError as e:
         queue.put((position, None, str(e)))
     except BaseException as e:  # report rather than hang the parent waiting on the queue
         queue.put((position, None, f"{args.input}: partition {position} failed: {e!r}"))
 
 
-def run_partitions(args: argparse.Namespace) -> Stats:
-    """K processes, each tokenising one byte range into partial files; then merge them in order."""
+def run_partitions(args: argparse.Namespace, aside: WriteAside, outputs: list[tuple[str, str]]
+                   ) -> Stats:
+    """K processes, each tokenising one byte range into partial files (scratch files of ``aside``);
+    then merge them in order into ``outputs``."""
     k = args.partitions
     ranges = partition_ranges(args.input, k)
-    parts = [f"{args.output_prefix}_part{i}" for i in range(k)]
+    # parts[i][j]: partition i's prefix for key j, hidden beside the output and removed at the end
+    parts = [[aside.scratch(f"{output_prefix(args.output_prefix, key)}_part{i}")
+              for key in args.json_keys] for i in range(k)]
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_run_partition,
-                         args=(args, ranges[i], parts[i], max(1, args.workers // k), i, queue))
+                         args=(args, ranges[i], [(bin_path(p), idx_path(p)) for p in parts[i]],
+                               max(1, args.workers // k), i, queue))
              for i in range(k)]
     for p in procs:
         p.start()
@@ -267,56 +277,43 @@ def run_partitions(args: argparse.Namespace) -> Stats:
                     results[i] = (None, f"{args.input}: partition {i} died (exit code {p.exitcode})")
     for p in procs:
         p.join()
-    try:
-        errors = [results[i][1] for i in range(k) if results[i][1]]
-        if errors:
-            raise DataError(errors[0])  # partitions are in input order: the earliest bad line
-        for key in args.json_keys:
-            out = output_prefix(args.output_prefix, key)
-            builder = IndexedDatasetBuilder(bin_path(out), args.dtype)
-            for part in parts:
-                builder.add_index(output_prefix(part, key))
-            builder.finalize(idx_path(out))
-    finally:
+    errors = [results[i][1] for i in range(k) if results[i][1]]
+    if errors:
+        raise DataError(errors[0])  # partitions are in input order: the earliest bad line
+    for j, (bin_out, idx_out) in enumerate(outputs):
+        builder = IndexedDatasetBuilder(bin_out, args.dtype)
         for part in parts:
-            for key in args.json_keys:
-                for path in (bin_path(output_prefix(part, key)), idx_path(output_prefix(part, key))):
-                    if os.path.exists(path):
-                        os.remove(path)
+            builder.add_index(part[j])
+        builder.finalize(idx_out)
     total = Stats()
     for i in range(k):
         total.add(results[i][0])
     return total
 
 
-def remove_outputs(args: argparse.Namespace) -> None:
-    for key in args.json_keys:
-        for path in (bin_path(output_prefix(args.output_prefix, key)),
-                     idx_path(output_prefix(args.output_prefix, key))):
-            if os.path.exists(path):
-                os.remove(path)
-
-
 def preprocess(args: argparse.Namespace) -> Stats:
     if not os.path.isfile(args.input):
         raise DataError(f"{args.input}: input not found; build a corpus with tools/make_corpus.py")
+    finals = [(bin_path(output_prefix(args.output_prefix, k)), idx_path(output_prefix(args.output_prefix, k)))
+              for k in args.json_keys]
+    existing_outputs([path for pair in finals for path in pair], getattr(args, "overwrite", False))
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)  # fail before forking
     args.dtype = np.dtype(DType.optimal_dtype(tokenizer.vocab_size))
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     start = time.perf_counter()
-    try:
+    # Everything is written aside and renamed into place only when complete: a failed run leaves no
+    # half-written dataset and keeps any previous one as it was.
+    with WriteAside() as aside:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+        outputs = [(aside.path(b), aside.path(i)) for b, i in finals]
         if args.partitions > 1:
-            stats = run_partitions(args)
+            stats = run_partitions(args, aside, outputs)
         else:
-            stats = process_range(args, 0, os.path.getsize(args.input), 1, args.output_prefix,
-                                  args.workers)
+            stats = process_range(args, 0, os.path.getsize(args.input), 1, outputs, args.workers)
         if stats.docs == 0 or stats.tokens == 0:
             raise DataError(f"{args.input}: empty corpus: no documents with key(s) "
                             f"{', '.join(args.json_keys)} in {stats.lines} lines ({stats.bad} "
                             "malformed); check --input and --json-keys")
-    except BaseException:
-        remove_outputs(args)  # no half-written dataset that a later run could pick up
-        raise
+        aside.commit()
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -338,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-interval", type=int, default=1000,
                    help="report rates every N documents (a log line when stderr is not a terminal)")
     p.add_argument("--quiet", action="store_true", help="no progress reports, only the summary")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset (only once the new one is complete)")
     args = p.parse_args(argv)
     if args.workers < 1 or args.partitions < 1 or args.log_interval < 1:
         p.error("--workers, --partitions and --log-interval must be >= 1")

@@ -3,10 +3,13 @@
     python tools/train_tokenizer.py --input corpus.jsonl --json-keys text --vocab-size 2048 \\
         --model-prefix data/tokenizer [--model-type bpe|unigram] [--input-sentence-size N]
 
-Writes P.model and P.vocab. Settings chosen for source code: identity normalisation and no dummy
-prefix (decode(encode(text)) == text exactly), whitespace kept as is with whitespace-only pieces
-allowed (indentation becomes a few tokens), newline and tab as user-defined pieces (always one token),
-digits split, byte fallback (no <unk> on rare characters). Ids: 0 <unk>, 1 <s>, 2 </s> (= eod).
+Writes P.model and P.vocab: under temporary names, renamed into place once complete and synced, so
+a failed run leaves any previous ones as they were; an existing one is replaced only with --overwrite.
+
+Settings chosen for source code: identity normalisation and no dummy prefix (decode(encode(text)) ==
+text exactly), whitespace kept as is with whitespace-only pieces allowed (indentation becomes a few
+tokens), newline and tab as user-defined pieces (always one token), digits split, byte fallback (no
+<unk> on rare characters). Ids: 0 <unk>, 1 <s>, 2 </s> (= eod).
 
 Documents are cut at line boundaries into chunks of about --chunk-chars characters, since SentencePiece
 trains on "sentences"; --input-sentence-size samples that many chunks, which bounds training time.
@@ -26,6 +29,7 @@ from collections.abc import Iterator
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megamoe.data.errors import DataError  # noqa: E402
+from megamoe.data.indexed_dataset import WriteAside, existing_outputs  # noqa: E402
 
 
 def read_texts(path: str, keys: list[str]) -> Iterator[str]:
@@ -65,9 +69,13 @@ def chunk_lines(text: str, chunk_chars: int) -> Iterator[str]:
 
 
 def train(input_path: str, keys: list[str], vocab_size: int, model_prefix: str, model_type: str = "bpe",
-          input_sentence_size: int = 200_000, chunk_chars: int = 2000, threads: int | None = None) -> str:
+          input_sentence_size: int = 200_000, chunk_chars: int = 2000, threads: int | None = None,
+          overwrite: bool = False) -> str:
     """Train and write ``model_prefix``.model/.vocab; returns the .model path."""
     import sentencepiece as spm
+
+    outputs = [model_prefix + ".model", model_prefix + ".vocab"]
+    existing_outputs(outputs, overwrite)  # before the (long) training
 
     chunks = [c for t in read_texts(input_path, keys) for c in chunk_lines(t, chunk_chars)]
     if not chunks:
@@ -86,14 +94,16 @@ def train(input_path: str, keys: list[str], vocab_size: int, model_prefix: str, 
     except RuntimeError as e:  # e.g. vocab_size larger than the corpus supports
         raise DataError(f"{input_path}: SentencePiece training failed: {str(e).splitlines()[0]}; "
                         "lower --vocab-size or use a larger corpus") from None
-    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
-    with open(model_prefix + ".model", "wb") as f:
-        f.write(model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    with open(model_prefix + ".vocab", "w", encoding="utf-8") as f:
-        for i in range(sp.GetPieceSize()):
-            f.write(f"{json.dumps(sp.IdToPiece(i), ensure_ascii=False)}\t{sp.GetScore(i)}\n")
-    return model_prefix + ".model"
+    with WriteAside() as aside:
+        os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+        with open(aside.path(outputs[0]), "wb") as f:
+            f.write(model.getvalue())
+        with open(aside.path(outputs[1]), "w", encoding="utf-8") as f:
+            for i in range(sp.GetPieceSize()):
+                f.write(f"{json.dumps(sp.IdToPiece(i), ensure_ascii=False)}\t{sp.GetScore(i)}\n")
+        aside.commit()
+    return outputs[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,11 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-sentence-size", type=int, default=200_000,
                    help="chunks sampled for training (bounds time and memory); default 200000")
     p.add_argument("--chunk-chars", type=int, default=2000, help="training chunk size in characters")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing PREFIX.model/.vocab (only once the new one is complete)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:
         path = train(args.input, args.json_keys, args.vocab_size, args.model_prefix, args.model_type,
-                     args.input_sentence_size, args.chunk_chars)
+                     args.input_sentence_size, args.chunk_chars, overwrite=args.overwrite)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -16,7 +16,9 @@ The reader maps both files and hands out numpy views (no copies, no reads until 
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import shutil
 import struct
 from enum import IntEnum
@@ -64,8 +66,104 @@ def bin_path(prefix: str) -> str:
     return prefix + ".bin"
 
 
+def existing_outputs(paths: list[str], overwrite: bool, flag: str = "--overwrite") -> None:
+    """Refuse (DataError) when one of ``paths`` exists and ``overwrite`` is not set."""
+    for path in paths:
+        if os.path.exists(path) and not overwrite:
+            raise DataError(f"{path}: already exists; pass {flag} to replace it")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot sync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+class WriteAside:
+    """Outputs written under temporary names beside their final paths and renamed into place together.
+
+        with WriteAside() as aside:
+            write(aside.path("out.bin")); write(aside.path("out.idx"))
+            aside.commit()      # fsync each temporary, os.replace it onto its final path
+
+    Leaving the block without ``commit()`` (an exception, a failed check) removes the temporaries and
+    leaves the final paths untouched, so a failed run never damages a previous good output. An
+    OSError (disk full, permissions) becomes a one-line DataError naming the output.
+    """
+
+    def __init__(self) -> None:
+        self._final: dict[str, str] = {}  # temporary -> final path
+        self._scratch: list[str] = []
+        self._token = f"{os.getpid()}.{secrets.token_hex(4)}"
+        self._replaced: list[str] = []
+        self.committed = False
+
+    def _tmp(self, name: str) -> str:
+        d, base = os.path.split(os.path.abspath(name))
+        return os.path.join(d, f".{base}.{self._token}.tmp")
+
+    def path(self, final: str) -> str:
+        """A fresh temporary path in ``final``'s directory (hidden), renamed to ``final`` by commit."""
+        tmp = self._tmp(final)
+        self._final[tmp] = final
+        return tmp
+
+    def scratch(self, name: str) -> str:
+        """A temporary name (or prefix) beside ``name`` for intermediate files: every file whose name
+        starts with it is removed on leaving the block, committed or not."""
+        tmp = self._tmp(name)
+        self._scratch.append(tmp)
+        return tmp
+
+    def commit(self) -> None:
+        for tmp in self._final:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for tmp, final in self._final.items():
+            os.replace(tmp, final)
+            self._replaced.append(final)
+        for d in {os.path.dirname(t) for t in self._final}:
+            _fsync_dir(d)
+        self.committed = True
+
+    def discard(self, committed: bool = False) -> None:
+        doomed = [] if committed else list(self._final)
+        for prefix in self._scratch:
+            d, base = os.path.split(prefix)
+            if os.path.isdir(d):
+                doomed += [os.path.join(d, f) for f in os.listdir(d) if f.startswith(base)]
+        for tmp in doomed:
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> WriteAside:
+        return self
+
+    def __exit__(self, typ, exc, tb) -> None:
+        self.discard(self.committed)
+        if isinstance(exc, OSError):
+            first = next(iter(self._final.values()), "")
+            name = self._final.get(exc.filename, exc.filename) or first
+            if any(str(name).startswith(p) for p in self._scratch):
+                name = first
+            reason = exc.strerror or errno.errorcode.get(exc.errno or 0) or str(exc)
+            kept = (f"only {', '.join(self._replaced)} replaced, the others kept" if self._replaced
+                    else "nothing was replaced (any previous output is kept)")
+            raise DataError(f"{name}: {reason}; {kept}") from exc
+
+
 class IndexedDatasetBuilder:
-    """Streams token arrays into ``bin_path``; ``finalize(idx_path)`` writes the index."""
+    """Streams token arrays into ``bin_path``; ``finalize(idx_path)`` writes the index. Tools pass
+    paths from WriteAside so that nothing replaces a good dataset until it is complete and synced."""
 
     def __init__(self, bin_path: str, dtype: type[np.number] | np.dtype = np.int32) -> None:
         self.dtype = np.dtype(dtype)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -32,6 +35,41 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, \
         proc.stderr
     return lines[0]
+
+
+def load_tool(name: str):
+    """A tool as a module, to call its main() in this process (where a failure can be patched in)."""
+    mod_name = "tools_" + name.removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(mod_name, os.path.join(ROOT, "tools", name))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def in_process_error(capsys, name: str, *args) -> str:
+    """main() of tool ``name`` returns 1 with a single 'error: ...' line on stderr."""
+    capsys.readouterr()
+    assert load_tool(name).main([str(a) for a in args]) == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def snapshot(d) -> dict[str, bytes]:
+    """Every file in directory d (hidden ones too) and its bytes."""
+    return {f: (d / f).read_bytes() for f in sorted(os.listdir(d)) if (d / f).is_file()}
+
+
+def disk_full(after: int = 0):
+    """A stand-in that raises ENOSPC (a full disk) on its call number after + 1."""
+    calls = []
+
+    def fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return fail
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +209,103 @@ def test_preprocess_errors(corpus, tmp_path):
     proc = tool("train_tokenizer.py", "--input", corpus / "corpus.jsonl", "--vocab-size", 10**6,
                 "--model-prefix", tmp_path / "t", ok=False)
     assert "SentencePiece training failed" in one_line_error(proc)
+
+
+def preprocess_into(corpus, prefix, inp, *extra, ok: bool = True):
+    return tool("preprocess_data.py", "--input", inp, "--json-keys", "text", "--output-prefix", prefix,
+                "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", corpus / "tok.model",
+                "--append-eod", *extra, ok=ok)
+
+
+def test_preprocess_rerun_refuses_or_replaces_never_loses_data(corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("x = 1\n", "print('hi')\n")))
+    preprocess_into(corpus, out / "ds", corpus / "corpus.jsonl")
+    before = snapshot(out)
+    assert set(before) == {"ds_text_document.bin", "ds_text_document.idx"}
+    # A rerun without --overwrite refuses, before reading anything.
+    err = one_line_error(preprocess_into(corpus, out / "ds", small, ok=False))
+    assert f"{out / 'ds_text_document.bin'}: already exists; pass --overwrite to replace it" in err
+    assert snapshot(out) == before
+    # A failing rerun (empty input) with --overwrite keeps the previous dataset byte for byte.
+    (tmp_path / "empty.jsonl").write_text("\n")
+    for extra in ([], ["--workers", "2", "--partitions", "2"]):
+        err = one_line_error(preprocess_into(corpus, out / "ds", tmp_path / "empty.jsonl", "--overwrite",
+                                             *extra, ok=False))
+        assert "empty.jsonl: empty corpus" in err
+        assert snapshot(out) == before  # and no temporary or partial files left
+    # A successful rerun with --overwrite replaces it, with what a fresh run writes.
+    preprocess_into(corpus, out / "ds", small, "--overwrite")
+    preprocess_into(corpus, tmp_path / "fresh", small)
+    assert snapshot(out) == {f"ds_text_document{s}": (tmp_path / f"fresh_text_document{s}").read_bytes()
+                             for s in (".bin", ".idx")}
+
+
+@pytest.mark.parametrize("where", ["write", "sync", "partitions"])
+def test_preprocess_failure_mid_write_keeps_previous(corpus, tmp_path, capsys, monkeypatch, where):
+    from megamoe.data.indexed_dataset import IndexedDatasetBuilder
+
+    preprocess_into(corpus, tmp_path / "ds", corpus / "corpus.jsonl")
+    before = snapshot(tmp_path)
+    extra = []
+    if where == "write":  # the disk fills after 5 documents
+        monkeypatch.setattr(IndexedDatasetBuilder, "add_item", disk_full(after=5))
+    elif where == "sync":  # ... or when the complete files are flushed before the rename
+        monkeypatch.setattr(os, "fsync", disk_full())
+    else:  # ... or while merging the partitions' files
+        monkeypatch.setattr(IndexedDatasetBuilder, "add_index", disk_full(after=1))
+        extra = ["--partitions", "3"]
+    err = in_process_error(capsys, "preprocess_data.py", "--input", corpus / "corpus.jsonl",
+                           "--output-prefix", tmp_path / "ds", "--tokenizer-type", "SentencePieceTokenizer",
+                           "--tokenizer-model", corpus / "tok.model", "--append-eod", "--overwrite",
+                           "--quiet", *extra)
+    assert f"{tmp_path / 'ds_text_document.bin'}: No space left on device; nothing was replaced" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_train_tokenizer_refuses_overwrite_and_survives_full_disk(corpus, tmp_path, capsys, monkeypatch):
+    for ext in (".model", ".vocab"):
+        shutil.copy(corpus / f"tok{ext}", tmp_path / f"tok{ext}")
+    before = snapshot(tmp_path)
+    args = ["--input", corpus / "corpus.jsonl", "--vocab-size", 400, "--model-prefix", tmp_path / "tok"]
+    err = one_line_error(tool("train_tokenizer.py", *args, ok=False))
+    assert f"{tmp_path / 'tok.model'}: already exists; pass --overwrite to replace it" in err
+    assert snapshot(tmp_path) == before
+    # The disk fills halfway through the .vocab, or when the files are flushed before the rename.
+    for name, fail in ((json, "dumps"), (os, "fsync")):
+        with monkeypatch.context() as m:
+            m.setattr(name, fail, disk_full(after=200 if fail == "dumps" else 0))
+            err = in_process_error(capsys, "train_tokenizer.py", *args, "--overwrite")
+        assert "No space left on device; nothing was replaced" in err
+        assert snapshot(tmp_path) == before  # previous model intact, no temporary files
+    tool("train_tokenizer.py", *args, "--overwrite")
+    assert build_tokenizer("SentencePieceTokenizer", str(tmp_path / "tok.model")).vocab_size == 400
+    assert sorted(os.listdir(tmp_path)) == ["tok.model", "tok.vocab"]
+
+
+def test_merge_refuses_overwrite_and_survives_failure(corpus, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    preprocess_into(corpus, tmp_path / "a", corpus / "corpus.jsonl")
+    a = tmp_path / "a_text_document"
+    tool("merge_datasets.py", "--input", a, "--output-prefix", out / "m")
+    before = snapshot(out)
+    err = one_line_error(tool("merge_datasets.py", "--input", a, a, "--output-prefix", out / "m", ok=False))
+    assert f"{out / 'm.bin'}: already exists; pass --overwrite to replace it" in err
+    assert snapshot(out) == before
+
+    def copy_half_then_fail(src, dst, length=0):
+        dst.write(src.read(1000))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shutil, "copyfileobj", copy_half_then_fail)
+    err = in_process_error(capsys, "merge_datasets.py", "--input", a, a, "--output-prefix", out / "m",
+                           "--overwrite")
+    assert f"{out / 'm.bin'}: No space left on device; nothing was replaced" in err
+    assert snapshot(out) == before
+    monkeypatch.undo()
+    tool("merge_datasets.py", "--input", a, a, "--output-prefix", out / "m", "--overwrite")
+    assert len(IndexedDataset(str(out / "m"))) == 2 * len(IndexedDataset(str(a)))
+    assert sorted(os.listdir(out)) == ["m.bin", "m.idx"]

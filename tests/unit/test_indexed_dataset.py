@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import pickle
 import struct
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 
 from megamoe.data.errors import DataError
-from megamoe.data.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
+from megamoe.data.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder, WriteAside
 
 DOCS = [[5, 6, 7], [1], [9, 9, 9, 9, 2], [], [65000, 3]]
 
@@ -149,6 +151,39 @@ def test_empty_dataset(tmp_path):
     write(str(tmp_path / "e"), [], np.uint16)
     ds = IndexedDataset(str(tmp_path / "e"))
     assert len(ds) == 0 and ds.document_indices.tolist() == [0] and ds.max_token_id() == -1
+
+
+def test_write_aside_replaces_only_complete_outputs(tmp_path, good):
+    """Builder output through WriteAside: same bytes as a direct write; an error before commit keeps
+    the previous files byte for byte and leaves no temporary (or scratch) file behind."""
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    new = [[1, 2, 3], [4]]
+    with pytest.raises(DataError, match=r"ds\.bin: No space left on device; nothing was replaced"):
+        with WriteAside() as aside:
+            open(aside.scratch(str(good)) + ".part0", "wb").close()
+            b = IndexedDatasetBuilder(aside.path(f"{good}.bin"), np.uint16)
+            b.add_item(new[0])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # the disk fills mid-write
+    with pytest.raises(KeyError):  # any other failure after complete files, e.g. a bug or an interrupt
+        with WriteAside() as aside:
+            b = IndexedDatasetBuilder(aside.path(f"{good}.bin"), np.uint16)
+            b.add_item(new[0])
+            b.finalize(aside.path(f"{good}.idx"))
+            raise KeyError
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with WriteAside() as aside:
+        b = IndexedDatasetBuilder(aside.path(f"{good}.bin"), np.uint16)
+        for d in new:
+            b.add_item(d)
+            b.end_document()
+        b.finalize(aside.path(f"{good}.idx"))
+        open(aside.scratch(str(good)) + ".part0", "wb").close()
+        assert IndexedDataset(str(good)).sequence_lengths.tolist() == [3, 1, 5, 0, 2]  # not yet
+        aside.commit()
+    write(str(tmp_path / "direct"), new, np.uint16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direct.bin", "direct.idx", "ds.bin", "ds.idx"]
+    for s in (".bin", ".idx"):
+        assert (tmp_path / f"ds{s}").read_bytes() == (tmp_path / f"direct{s}").read_bytes()
 
 
 @pytest.mark.megatron
