@@ -207,6 +207,9 @@ class TrainConfig:
     save: str | None = flag("checkpoint directory to save to", None)
     load: str | None = flag("checkpoint directory to resume from", None)
     save_interval: int | None = flag("save every N iterations (needs --save)", None)
+    allow_existing_save_dir: bool = flag(
+        "let a run that did not resume from --save write into a directory holding another run's "
+        "checkpoints (it still never replaces one of their iterations)", False)
     recompute_granularity: str | None = flag(
         "activation recomputation: full = whole decoder layers (see --recompute-method), selective = "
         "the attention core only", None, choices=("full", "selective"))

@@ -123,11 +123,15 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimizer: DistributedOptimizer,
-                    cfg: Config, mesh: ParallelMesh) -> str:
-    """Write the checkpoint of ``state.iteration``; every rank calls it. Returns its directory."""
+                    cfg: Config, mesh: ParallelMesh, replace_existing: bool = True) -> str:
+    """Write the checkpoint of ``state.iteration``; every rank calls it. Returns its directory.
+    ``replace_existing=False``: an existing iteration of that number (another run's) is an error."""
     rank, world = mesh.rank, mesh.world_size
     name = f"iter_{state.iteration:07d}"
     final, tmp = os.path.join(directory, name), os.path.join(directory, name + ".tmp")
+    if not replace_existing and os.path.isdir(final):  # every rank sees it: all raise, none waits
+        raise CheckpointError(f"--save {directory} already holds {name} of another run; not replacing it "
+                              "(save elsewhere)")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -146,8 +150,7 @@ def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimiz
         _atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
     _barrier(world)
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        _swap_into_place(tmp, final)
         _atomic_write_text(os.path.join(directory, "latest"), name + "\n")
     _barrier(world)
     return final
@@ -210,8 +213,23 @@ def _global_name(name: str) -> str:
     return ".".join(parts[2:]) if parts[0] == "chunks" else name
 
 
+def _swap_into_place(tmp: str, final: str) -> None:
+    """Put the complete ``tmp`` at ``final`` without ever deleting the previous ``final`` first: it is
+    renamed aside to ``final.old`` (which :func:`resolve_checkpoint` falls back to if a crash hits
+    between the two renames) and removed only once the new copy is in place."""
+    old = final + ".old"
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def resolve_checkpoint(directory: str) -> str | None:
     """The checkpoint directory ``latest`` points to, None if DIR has no checkpoint yet."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise CheckpointError(f"--load {directory} is a file; pass the directory --save wrote (or an "
+                              "iter_* directory inside it)")
     if not os.path.isdir(directory):
         return None
     if os.path.isfile(os.path.join(directory, "meta.json")):
@@ -222,10 +240,42 @@ def resolve_checkpoint(directory: str) -> str | None:
     with open(pointer) as f:
         name = f.read().strip()
     path = os.path.join(directory, name)
+    if not os.path.isfile(os.path.join(path, "meta.json")) and os.path.isfile(
+            os.path.join(path + ".old", "meta.json")):
+        path += ".old"  # a re-save of this iteration was cut between its two renames
     if not os.path.isfile(os.path.join(path, "meta.json")):
         raise CheckpointError(f"checkpoint {path} named by {pointer} is missing or incomplete; "
                               "point --load at an intact iter_* directory")
     return path
+
+
+def holds_checkpoints(directory: str) -> bool:
+    """Whether ``directory`` already holds saved checkpoints (a ``latest`` pointer or iter_* dirs)."""
+    if not os.path.isdir(directory):
+        return False
+    return os.path.exists(os.path.join(directory, "latest")) or any(
+        name.startswith("iter_") and not name.endswith(".tmp") for name in os.listdir(directory))
+
+
+def check_save_directory(save: str | None, load: str | None, resumed: bool, allow_existing: bool) -> None:
+    """Before step 1: a run that did not resume from its --save directory must not write into one that
+    holds another run's checkpoints (its saves would replace that run's iterations and move
+    ``latest``); an unwritable --save fails now, not at the first save."""
+    if save is None:
+        return
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise CheckpointError(f"--save {save} is a file; pass a directory")
+    same = load is not None and os.path.realpath(load) == os.path.realpath(save)
+    if holds_checkpoints(save) and not (resumed and same) and not allow_existing:
+        raise CheckpointError(f"--save {save} already holds checkpoints of another run and this run did not "
+                              "resume from it; pass --load with the same directory to continue it, or "
+                              "--allow-existing-save-dir")
+    try:
+        os.makedirs(save, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"--save {save} cannot be created ({e.strerror})") from e
+    if not os.access(save, os.W_OK):
+        raise CheckpointError(f"--save {save} is not writable")
 
 
 def saved_placement(directory: str, ep_size: int) -> ExpertPlacement | None:

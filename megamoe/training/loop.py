@@ -52,6 +52,7 @@ class Trainer:
     peak_tflops: float
     p2p: P2P | None = None
     state: TrainState = field(default_factory=TrainState)
+    replace_saved: bool = True  # False: --save holds another run's iterations, never replace one
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -164,7 +165,8 @@ class Trainer:
 
     def save(self) -> None:
         if self.cfg.train.save:
-            save_checkpoint(self.cfg.train.save, self.state, self.model, self.optimizer, self.cfg, self.mesh)
+            save_checkpoint(self.cfg.train.save, self.state, self.model, self.optimizer, self.cfg, self.mesh,
+                            replace_existing=self.replace_saved)
             self.logger.info(f" saved checkpoint at iteration {self.state.iteration} to "
                              f"{self.cfg.train.save}")
 
@@ -210,7 +212,7 @@ class Trainer:
         self._start_time = time.time()
         self._install_signal_handlers()
         try:
-            saved_at = None
+            saved_at = self.state.iteration or None  # resumed: that iteration is saved already
             while self.state.iteration < t.train_iters:
                 rec = self.train_step()
                 self.history.append(rec)

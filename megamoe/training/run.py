@@ -27,7 +27,13 @@ from megamoe.parallel.optimizer import build_optimizer
 from megamoe.parallel.pipeline import P2P
 from megamoe.parallel.tensor import TPContext
 from megamoe.params import cast_params
-from megamoe.training.checkpoint import CheckpointError, load_checkpoint, saved_placement
+from megamoe.training.checkpoint import (
+    CheckpointError,
+    check_save_directory,
+    holds_checkpoints,
+    load_checkpoint,
+    saved_placement,
+)
 from megamoe.training.loop import Trainer
 from megamoe.training.metrics import MetricsLogger, measure_peak_tflops
 from megamoe.training.recompute import apply_recompute
@@ -122,11 +128,19 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
                   shape=(cfg.train.micro_batch_size, seq, cfg.model.hidden_size),
                   dtype=torch.bfloat16 if cfg.train.bf16 else torch.float32, device=device)
     trainer = Trainer(cfg, mesh, model, optimizer, train_data, valid_data, logger, device, peak, p2p)
-    if cfg.train.load:
-        state = load_checkpoint(cfg.train.load, model, optimizer, mesh, cfg)
+    t, state = cfg.train, None
+    if t.load:
+        state = load_checkpoint(t.load, model, optimizer, mesh, cfg)
         if state is not None:
             trainer.state = state
-            logger.info(f" > resumed from {cfg.train.load} at iteration {state.iteration}")
+            logger.info(f" > resumed from {t.load} at iteration {state.iteration}")
+        elif t.save is None or os.path.realpath(t.load) != os.path.realpath(t.save):  # not auto-resume
+            logger.info(f" > WARNING: no checkpoint in --load {t.load}: training starts from scratch")
+    resumed_from_save = state is not None and t.save is not None and (
+        os.path.realpath(t.load) == os.path.realpath(t.save))
+    other_runs_saves = t.save is not None and holds_checkpoints(t.save) and not resumed_from_save
+    check_save_directory(t.save, t.load, state is not None, t.allow_existing_save_dir)
+    trainer.replace_saved = not other_runs_saves  # with --allow-existing-save-dir: add, never replace
     try:
         return trainer.train()
     finally:

@@ -1,0 +1,109 @@
+"""Issue 17, data loss: a save never touches the previous good copy until the new one is complete, a
+--load that finds nothing says so, and a run never writes into another run's checkpoint directory."""
+
+import os
+
+import pytest
+import torch
+
+from megamoe.arguments import parse_args
+from megamoe.parallel.mesh import ParallelMesh
+from megamoe.parallel.optimizer import build_optimizer
+from megamoe.training import checkpoint
+from megamoe.training.checkpoint import CheckpointError, TrainState, load_checkpoint, save_checkpoint
+from megamoe.training.run import build_model
+from tests.harness import TINY_ARGS, train_losses
+
+SHORT = ["--train-iters", "3", "--lr-decay-iters", "6"]
+
+
+def _setup():
+    cfg = parse_args(TINY_ARGS)
+    mesh = ParallelMesh.from_config(cfg.parallel, 1, 0)
+    mesh.build_groups()
+    model = build_model(cfg, mesh, torch.device("cpu"))
+    return cfg, mesh, model, build_optimizer(model, cfg, mesh)
+
+
+def _weights(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_failed_resave_of_an_iteration_keeps_the_previous_copy(tmp_path, monkeypatch):
+    cfg, mesh, model, opt = _setup()
+    save_checkpoint(str(tmp_path), TrainState(5, 40), model, opt, cfg, mesh)
+    saved = _weights(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    def dies(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_rank_file", dies)  # the disk fills during the re-save
+    with pytest.raises(OSError):
+        save_checkpoint(str(tmp_path), TrainState(5, 40), model, opt, cfg, mesh)
+    monkeypatch.undo()
+    _, _, fresh, fresh_opt = _setup()
+    assert load_checkpoint(str(tmp_path), fresh, fresh_opt, mesh, cfg).iteration == 5
+    assert all(torch.equal(a, b) for a, b in zip(saved, _weights(fresh)))
+
+
+def test_resave_cut_between_its_renames_falls_back_to_the_previous_copy(tmp_path, monkeypatch):
+    cfg, mesh, model, opt = _setup()
+    save_checkpoint(str(tmp_path), TrainState(5, 40), model, opt, cfg, mesh)
+    real_replace = os.replace
+
+    def killed_after_moving_aside(src, dst):
+        real_replace(src, dst)
+        if dst.endswith(".old"):
+            raise KeyboardInterrupt  # the process dies right after the old copy moved aside
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_after_moving_aside)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(tmp_path), TrainState(5, 40), model, opt, cfg, mesh)
+    monkeypatch.undo()
+    assert not (tmp_path / "iter_0000005").exists() and (tmp_path / "iter_0000005.old").is_dir()
+    _, _, fresh, fresh_opt = _setup()
+    assert load_checkpoint(str(tmp_path), fresh, fresh_opt, mesh, cfg).iteration == 5
+
+
+def test_load_of_a_file_is_a_one_line_error(tmp_path):
+    target = tmp_path / "not_a_dir"
+    target.write_text("x")
+    with pytest.raises(CheckpointError, match="is a file") as err:
+        train_losses(1, SHORT + ["--load", str(target)])
+    assert "\n" not in str(err.value)
+
+
+def test_load_that_finds_nothing_warns_and_starts_from_scratch(tmp_path, capsys):
+    recs = train_losses(1, SHORT + ["--load", str(tmp_path / "typo")])
+    assert len(recs) == 3 and recs[0]["iteration"] == 1
+    assert "WARNING: no checkpoint in --load" in capsys.readouterr().out
+    train_losses(1, SHORT + ["--load", str(tmp_path / "auto"), "--save", str(tmp_path / "auto")])
+    assert "WARNING" not in capsys.readouterr().out  # --load = --save: the auto-resume pattern
+
+
+def test_a_new_run_does_not_write_into_another_runs_checkpoints(tmp_path):
+    first = train_losses(1, SHORT + ["--save", str(tmp_path)])
+    def snapshot():
+        return (tmp_path / "latest").read_text(), os.path.getmtime(tmp_path / "iter_0000003" / "meta.json")
+
+    before = snapshot()
+    with pytest.raises(CheckpointError, match="already holds checkpoints of another run") as err:
+        train_losses(1, SHORT + ["--save", str(tmp_path), "--seed", "7"])  # no --load: another run
+    assert "--allow-existing-save-dir" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="already holds iter_0000003 of another run"):
+        train_losses(1, SHORT + ["--save", str(tmp_path), "--seed", "7", "--allow-existing-save-dir"])
+    assert snapshot() == before
+    # relaunching the finished run resumes, trains nothing and does not save its iteration again
+    again = train_losses(1, SHORT + ["--save", str(tmp_path), "--load", str(tmp_path)])
+    assert again == [] and snapshot() == before
+    assert first[-1]["iteration"] == 3
+
+
+def test_save_into_a_file_fails_before_step_one(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(CheckpointError, match="--save .* is a file"):
+        train_losses(1, SHORT + ["--save", str(target)])
