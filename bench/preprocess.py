@@ -60,6 +60,7 @@ def main() -> None:
                     input=corpus, json_keys=["text"], output_prefix=os.path.join(d, f"out{w}"),
                     tokenizer_type="SentencePieceTokenizer", tokenizer_model=prefix + ".model",
                     workers=w, partitions=1, append_eod=False, strict=False, log_interval=10**9,
+                    overwrite=True,  # every repetition writes the same prefix
                     quiet=True)
                 times[f"w{w}"].append(preprocess_data.preprocess(ns).seconds)
     ceiling = tokens / statistics.median(times["ceiling"])

@@ -29,7 +29,7 @@ else
     python tools/make_corpus.py --source python-stdlib --output "$DATA/corpus.jsonl" --max-bytes 4000000
     echo "== 2/3 SentencePiece tokenizer (vocab $VOCAB)"
     python tools/train_tokenizer.py --input "$DATA/corpus.jsonl" --json-keys text \
-      --vocab-size "$VOCAB" --model-prefix "$DATA/tokenizer"
+      --vocab-size "$VOCAB" --model-prefix "$DATA/tokenizer" --overwrite  # a run cut before step 3
     echo "== 3/3 preprocess into Megatron's .bin/.idx"
     python tools/preprocess_data.py --input "$DATA/corpus.jsonl" --json-keys text \
       --output-prefix "$DATA/stdlib" --tokenizer-type SentencePieceTokenizer \

@@ -10,6 +10,7 @@ launch fails before any collective starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,14 @@ class ModelConfig:
                      "ffn_hidden_size", "vocab_size", "seq_length", "make_vocab_size_divisible_by"):
             value = getattr(self, name)
             _check(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
+        for name in ("norm_epsilon", "rotary_base", "init_method_std"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value > 0,
+                   f"--{name.replace('_', '-')} must be positive, got {value}")
+        _check(self.init_method_std <= 1.0,
+               f"--init-method-std {self.init_method_std} is too large (at most 1; Megatron uses 0.02)")
+        _check(math.isfinite(self.output_z_loss_coeff) and self.output_z_loss_coeff >= 0,
+               f"--output-z-loss-coeff must be >= 0, got {self.output_z_loss_coeff}")
         _check(self.kv_channels % 2 == 0,
                f"--kv-channels must be even for rotary embeddings, got {self.kv_channels}")
 
@@ -166,6 +175,8 @@ class ParallelConfig:
                "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
         _check(self.expert_tensor_parallel_size == 1,
                "--expert-tensor-parallel-size > 1 is not supported yet; experts are whole on each rank")
+        _check(self.distributed_timeout_minutes > 0,
+               f"--distributed-timeout-minutes must be positive, got {self.distributed_timeout_minutes}")
         _check(self.distributed_backend in (None, "gloo", "nccl"),
                f"--distributed-backend must be gloo or nccl, got {self.distributed_backend}")
 
@@ -240,6 +251,18 @@ class TrainConfig:
                f"{self.lr_decay_style}")
         _check(0 <= self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
         _check(self.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
+        _check(self.lr_decay_iters is None or self.lr_decay_iters > 0,
+               f"--lr-decay-iters must be positive, got {self.lr_decay_iters}")
+        _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _check(0 <= value < 1, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+        _check(self.adam_eps > 0, f"--adam-eps must be positive, got {self.adam_eps}")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"--lr must be positive, got {self.lr}")
+        _check(self.exit_interval is None or self.exit_interval > 0,
+               f"--exit-interval must be positive, got {self.exit_interval}")
+        _check(self.exit_duration_in_mins is None or self.exit_duration_in_mins > 0,
+               f"--exit-duration-in-mins must be positive, got {self.exit_duration_in_mins}")
         _check(self.eval_iters >= 0, "--eval-iters must be >= 0")
         _check(self.clip_grad >= 0, "--clip-grad must be >= 0 (0 disables clipping)")
         _check(self.save_interval is None or self.save_interval > 0,

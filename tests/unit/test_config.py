@@ -73,6 +73,20 @@ def test_overrides_and_kv_channels_may_differ_from_hidden():
     (TINY + ["--tensor-model-parallel-size", "2"], 3, "--tensor-model-parallel-size"),
     (TINY + ["--seq-length", "30", "--tensor-model-parallel-size", "4", "--sequence-parallel"], 4,
      "--seq-length"),
+    # issue 17: values that used to train into NaN or nonsense, or die with a traceback
+    (TINY + ["--norm-epsilon", "-1"], 1, "--norm-epsilon"),
+    (TINY + ["--rotary-base", "0"], 1, "--rotary-base"),
+    (TINY + ["--init-method-std", "-1"], 1, "--init-method-std"),
+    (TINY + ["--init-method-std", "1e30"], 1, "--init-method-std"),
+    (TINY + ["--weight-decay", "-1"], 1, "--weight-decay"),
+    (TINY + ["--lr-decay-iters", "-5"], 1, "--lr-decay-iters"),
+    (TINY + ["--exit-interval", "-1"], 1, "--exit-interval"),
+    (TINY + ["--exit-duration-in-mins", "-1"], 1, "--exit-duration-in-mins"),
+    (TINY + ["--adam-beta1", "1.5"], 1, "--adam-beta1"),
+    (TINY + ["--adam-eps", "-1"], 1, "--adam-eps"),
+    (TINY + ["--lr", "0"], 1, "--lr"),
+    (TINY + ["--distributed-timeout-minutes", "0"], 1, "--distributed-timeout-minutes"),
+    (TINY + ["--output-z-loss-coeff", "-1"], 1, "--output-z-loss-coeff"),
 ])
 def test_bad_input_raises_one_line_naming_the_flag(argv, world, flag):
     with pytest.raises(ConfigError) as err:
