@@ -30,6 +30,7 @@ from megamoe.data.errors import DataError
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, N, D: 34 bytes
+_CHUNK = 1 << 22  # index entries validated per numpy pass (bounds the temporary memory)
 
 
 class DType(IntEnum):
@@ -243,10 +244,7 @@ class IndexedDataset:
                                 ".bin/.idx) or run tools/preprocess_data.py")
         self._read_index(ipath)
         self._bin_size = os.path.getsize(bpath)
-        end = self._used_bytes()
-        if end > self._bin_size:
-            raise DataError(f"{bpath}: truncated: the index needs {end} bytes but the file has "
-                            f"{self._bin_size}; re-run preprocessing (or copy the file again)")
+        self._validate(ipath, bpath)
         # np.memmap refuses empty files
         self._bin = np.memmap(bpath, dtype=np.uint8, mode="r") if self._bin_size else np.zeros(0, np.uint8)
         self._max_token: int | None = None
@@ -284,6 +282,97 @@ class IndexedDataset:
         self.sequence_pointers: np.ndarray = idx[off:off + 8 * n].view("<i8")
         off += 8 * n
         self.document_indices: np.ndarray = idx[off:off + 8 * d].view("<i8")
+
+    def _validate(self, ipath: str, bpath: str) -> None:
+        """Check the whole index against the .bin size (vectorised, in chunks of bounded memory).
+
+        Every writer (ours, tools/preprocess_data.py, tools/merge_datasets.py via add_index, and
+        Megatron's _IndexWriter) derives the pointers from the lengths, so sequences lie back to back
+        from byte 0 and the .bin ends exactly where the last sequence does. A wrong dtype code breaks
+        that rule (pointers step by the real item size, lengths count tokens) or the .bin size.
+        """
+        lengths, pointers, docs = self.sequence_lengths, self.sequence_pointers, self.document_indices
+        n, size, item, name = len(lengths), self._bin_size, self.dtype.itemsize, self.dtype.name
+        fix = "rebuild it with tools/preprocess_data.py"
+
+        def first(bad: np.ndarray, start: int = 0) -> int | None:
+            hits = np.flatnonzero(bad)
+            return start + int(hits[0]) if hits.size else None
+
+        # pass 1: lengths >= 0 and the pointers are exactly the running sum of the lengths
+        contiguous_upto = n  # first sequence whose pointer breaks the back-to-back layout
+        carry = 0
+        for lo in range(0, n, _CHUNK):
+            ln = np.asarray(lengths[lo:lo + _CHUNK], np.int64)
+            i = first(ln < 0, lo)
+            if i is not None:
+                raise DataError(f"{ipath}: sequence {i} has length {int(lengths[i])}; lengths must be "
+                                f">= 0, the index is corrupt: {fix}")
+            if contiguous_upto == n:
+                expect = np.cumsum(ln * item) - ln * item + carry
+                i = first(np.asarray(pointers[lo:lo + _CHUNK]) != expect, lo)
+                if i is not None:
+                    contiguous_upto = i
+                carry = int(expect[-1]) + int(ln[-1]) * item
+        if contiguous_upto == n:
+            end = carry
+            if end > size:
+                raise DataError(f"{bpath}: truncated: the index needs {end} bytes but the file has "
+                                f"{size}; re-run preprocessing (or copy the file again)")
+            if end < size:
+                raise DataError(f"{bpath}: has {size} bytes but the index ({ipath}, dtype {name}) "
+                                f"covers only {end}; the dtype code or the index is wrong: {fix}")
+        else:
+            self._pointer_error(ipath, bpath, contiguous_upto, fix)
+        # document indices: 0, non-decreasing, ending at the number of sequences
+        if len(docs) == 0 or int(docs[0]) != 0:
+            got = "no entries" if len(docs) == 0 else f"starts at {int(docs[0])}"
+            raise DataError(f"{ipath}: document index {got}, expected it to start at 0; {fix}")
+        for lo in range(0, len(docs), _CHUNK):
+            d = np.asarray(docs[lo:lo + _CHUNK + 1])
+            i = first((d < 0) | (d > n), lo)
+            if i is not None:
+                raise DataError(f"{ipath}: document {i} starts at sequence {int(docs[i])}, outside the "
+                                f"{n} sequences; {fix}")
+            i = first(d[1:] < d[:-1], lo + 1)
+            if i is not None:
+                raise DataError(f"{ipath}: document {i} starts at sequence {int(docs[i])}, before "
+                                f"document {i - 1} (sequence {int(docs[i - 1])}); {fix}")
+        if int(docs[-1]) != n:
+            raise DataError(f"{ipath}: the document index ends at sequence {int(docs[-1])}, not at the "
+                            f"number of sequences {n}; {fix}")
+
+    def _pointer_error(self, ipath: str, bpath: str, bad: int, fix: str) -> None:
+        """Raise the most telling error for pointers that are not back to back from ``bad`` on."""
+        lengths, pointers = self.sequence_lengths, self.sequence_pointers
+        n, size, item = len(lengths), self._bin_size, self.dtype.itemsize
+        for lo in range(0, n, _CHUNK):
+            p = np.asarray(pointers[lo:lo + _CHUNK])
+            hits = np.flatnonzero((p < 0) | (p > size))
+            if hits.size:
+                i = lo + int(hits[0])
+                raise DataError(f"{ipath}: sequence {i} starts at byte {int(pointers[i])}, outside "
+                                f"{bpath} ({size} bytes); {fix}")
+            e = p + np.asarray(lengths[lo:lo + _CHUNK], np.int64) * item
+            hits = np.flatnonzero(e > size)
+            if hits.size:
+                i = lo + int(hits[0])
+                raise DataError(f"{ipath}: sequence {i} ({int(lengths[i])} tokens from byte "
+                                f"{int(pointers[i])}) ends at byte {int(e[hits[0]])}, beyond the end "
+                                f"of {bpath} ({size} bytes); {fix}")
+            p = np.asarray(pointers[max(lo - 1, 0):lo + _CHUNK])
+            hits = np.flatnonzero(p[1:] < p[:-1])
+            if hits.size:
+                i = max(lo - 1, 0) + int(hits[0]) + 1
+                raise DataError(f"{ipath}: sequence {i} starts at byte {int(pointers[i])}, before "
+                                f"sequence {i - 1} (byte {int(pointers[i - 1])}); pointers must not "
+                                f"decrease: {fix}")
+        if bad == 0:
+            raise DataError(f"{ipath}: sequence 0 starts at byte {int(pointers[0])}, not 0; {fix}")
+        prev_end = int(pointers[bad - 1]) + int(lengths[bad - 1]) * item
+        raise DataError(f"{ipath}: sequence {bad} starts at byte {int(pointers[bad])} but sequence "
+                        f"{bad - 1} ends at byte {prev_end} ({int(lengths[bad - 1])} tokens of "
+                        f"{self.dtype.name}); the dtype code or the pointers are wrong: {fix}")
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
