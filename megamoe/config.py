@@ -218,6 +218,9 @@ class TrainConfig:
     save: str | None = flag("checkpoint directory to save to", None)
     load: str | None = flag("checkpoint directory to resume from", None)
     save_interval: int | None = flag("save every N iterations (needs --save)", None)
+    allow_nonfinite_load: bool = flag("continue from a checkpoint whose weights hold NaN or Inf", False)
+    max_consecutive_skipped_steps: int = flag(
+        "stop with an error after this many steps in a row were skipped for a non-finite gradient norm", 5)
     allow_existing_save_dir: bool = flag(
         "let a run that did not resume from --save write into a directory holding another run's "
         "checkpoints (it still never replaces one of their iterations)", False)
@@ -280,6 +283,7 @@ class TrainConfig:
                "--zero-stage 2 needs --use-distributed-optimizer")
         _check(not self.overlap_param_gather or self.use_distributed_optimizer,
                "--overlap-param-gather needs --use-distributed-optimizer")
+        _check(self.max_consecutive_skipped_steps > 0, "--max-consecutive-skipped-steps must be positive")
         _check(self.ddp_bucket_size > 0, f"--ddp-bucket-size must be positive, got {self.ddp_bucket_size}")
 
 

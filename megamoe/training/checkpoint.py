@@ -137,6 +137,8 @@ def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimiz
         os.makedirs(tmp)
     _barrier(world)
     optimizer.finish_param_sync()  # weights still being all-gathered (--overlap-param-gather)
+    check_finite(list(model.named_parameters()), f"not saving iteration {state.iteration} to {directory}",
+                 "the previous checkpoint is intact")  # before any collective: every rank or none
     step = optimizer.adam_step()
     write_rank_file(os.path.join(tmp, f"rank_{rank:05d}.safetensors"), model, optimizer, mesh)
     if rank == 0:
@@ -354,8 +356,20 @@ class _Index:
                                   f"{piece.size} (saved by a different model?)")
 
 
+def check_finite(params: list[tuple[str, nn.Parameter]], where: str, fix: str) -> None:
+    """One line naming the first parameter holding NaN or Inf. One pass over the weights, no copy of
+    them: a norm is finite exactly when every entry is (fp32/bf16 norms of sane weights cannot overflow)."""
+    if not params:
+        return
+    norms = torch.stack([n.float() for n in torch._foreach_norm([p.detach() for _, p in params])])
+    bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()  # the one device-to-host read
+    if bad:
+        raise CheckpointError(f"{where}: weight {_global_name(params[bad[0]][0])} holds NaN or Inf; {fix}")
+
+
 def load_checkpoint(directory: str, model: nn.Module, optimizer: DistributedOptimizer | None,
-                    mesh: ParallelMesh, cfg: Config | None = None) -> TrainState | None:
+                    mesh: ParallelMesh, cfg: Config | None = None, allow_nonfinite: bool = False,
+                    ) -> TrainState | None:
     """Restore weights, optimizer state and RNG from ``directory`` (or its ``latest``) under this
     rank's layout, whatever layout saved it. None if there is no checkpoint yet."""
     path = resolve_checkpoint(directory)
@@ -385,6 +399,8 @@ def load_checkpoint(directory: str, model: nn.Module, optimizer: DistributedOpti
                     st[kind] = target
             st.setdefault("master", p.detach().float().cpu().clone())  # fp32 weights are the masters
             states[id(p)] = st
+    if not allow_nonfinite:
+        check_finite(params, f"checkpoint {path}", "pass --allow-nonfinite-load to continue from it anyway")
     if optimizer is not None:
         optimizer.load_full_param_states(states, float(meta.get("adam_step", 0.0)))
     _load_rng(index, mesh.rank if int(meta["world_size"]) == mesh.world_size else 0)
@@ -403,7 +419,8 @@ def _load_rng(index: _Index, source_rank: int) -> None:
 
 def _check_same_model(meta: dict[str, Any], cfg: Config, path: str) -> None:
     saved = meta["config"]["model"]
-    for field in ("num_layers", "hidden_size", "num_attention_heads", "kv_channels", "ffn_hidden_size"):
+    for field in ("num_layers", "hidden_size", "num_attention_heads", "kv_channels", "ffn_hidden_size",
+                  "vocab_size"):
         if saved[field] != getattr(cfg.model, field):
             raise CheckpointError(f"checkpoint {path} has {field.replace('_', '-')} {saved[field]}, this run "
                                   f"{getattr(cfg.model, field)}; load it with the same model shape")

@@ -39,6 +39,10 @@ from megamoe.training.lr import learning_rate
 from megamoe.training.metrics import MetricsLogger, model_flops_per_token
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (one-line message), e.g. every step skipped for non-finite gradients."""
+
+
 @dataclass
 class Trainer:
     cfg: Config
@@ -53,6 +57,7 @@ class Trainer:
     p2p: P2P | None = None
     state: TrainState = field(default_factory=TrainState)
     replace_saved: bool = True  # False: --save holds another run's iterations, never replace one
+    _skipped_in_a_row: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -127,6 +132,11 @@ class Trainer:
         grad_norm = self.optimizer.grad_norm()
         lr = learning_rate(cfg.train, iteration)
         skipped = not math.isfinite(grad_norm)
+        self._skipped_in_a_row = self._skipped_in_a_row + 1 if skipped else 0
+        if self._skipped_in_a_row >= cfg.train.max_consecutive_skipped_steps:  # the same on every rank
+            raise TrainingError(f"{self._skipped_in_a_row} steps in a row had a non-finite gradient norm "
+                                f"(up to iteration {iteration}); the weights are those of the last good step "
+                                "(check --lr, the data and the model flags; --max-consecutive-skipped-steps)")
         if not skipped:
             self.optimizer.step(lr, grad_norm)
         self.optimizer.zero_grad()

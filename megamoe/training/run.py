@@ -34,7 +34,7 @@ from megamoe.training.checkpoint import (
     load_checkpoint,
     saved_placement,
 )
-from megamoe.training.loop import Trainer
+from megamoe.training.loop import Trainer, TrainingError
 from megamoe.training.metrics import MetricsLogger, measure_peak_tflops
 from megamoe.training.recompute import apply_recompute
 
@@ -58,6 +58,9 @@ def build_datasets(cfg: Config, mesh: ParallelMesh,
     if tok.vocab_size != m.vocab_size:
         import dataclasses
 
+        if mesh.rank == 0:  # the model's vocabulary follows the tokenizer's, whatever --vocab-size said
+            print(f" > vocabulary {tok.vocab_size} from --tokenizer-model (not --vocab-size {m.vocab_size})",
+                  flush=True)
         cfg = cfg.replace(model=dataclasses.replace(m, vocab_size=tok.vocab_size))
     barrier = dist.barrier if mesh.world_size > 1 else (lambda: None)
     train, valid, _ = build_train_valid_test_datasets(
@@ -130,7 +133,7 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
     trainer = Trainer(cfg, mesh, model, optimizer, train_data, valid_data, logger, device, peak, p2p)
     t, state = cfg.train, None
     if t.load:
-        state = load_checkpoint(t.load, model, optimizer, mesh, cfg)
+        state = load_checkpoint(t.load, model, optimizer, mesh, cfg, allow_nonfinite=t.allow_nonfinite_load)
         if state is not None:
             trainer.state = state
             logger.info(f" > resumed from {t.load} at iteration {state.iteration}")
@@ -193,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mesh = build_mesh(cfg.parallel, info)
     try:
         pretrain(cfg, mesh, device)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", flush=True)
         return 2
     except RuntimeError as e:  # say what happened between ranks in one line (traceback on stderr)

@@ -107,3 +107,60 @@ def test_save_into_a_file_fails_before_step_one(tmp_path):
     target.write_text("x")
     with pytest.raises(CheckpointError, match="--save .* is a file"):
         train_losses(1, SHORT + ["--save", str(target)])
+
+
+def _poison_expert_grads(monkeypatch, from_call: int = 0) -> None:
+    """Every expert output-projection gradient becomes inf (after ``from_call`` backward calls)."""
+    from megamoe.moe.experts import GroupedExperts
+
+    original, calls = GroupedExperts.__init__, {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+
+        def hook(grad):
+            calls["n"] += 1
+            return grad * float("inf") if calls["n"] > from_call else grad
+
+        self.wo.register_hook(hook)
+
+    monkeypatch.setattr(GroupedExperts, "__init__", poisoned)
+
+
+def test_every_step_skipped_stops_with_one_line(tmp_path, monkeypatch, capsys):
+    from megamoe.training.run import main
+
+    _poison_expert_grads(monkeypatch)
+    rc = main(TINY_ARGS + ["--max-consecutive-skipped-steps", "3", "--save", str(tmp_path)])
+    errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "3 steps in a row had a non-finite gradient norm" in errors[0]
+    assert not (tmp_path / "latest").exists()  # nothing saved
+
+
+def test_non_finite_weights_are_never_saved_and_refused_at_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg, mesh, model, opt = _setup()
+    save_checkpoint(str(tmp_path), TrainState(1, 8), model, opt, cfg, mesh)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(CheckpointError, match="holds NaN or Inf; the previous checkpoint is intact"):
+        save_checkpoint(str(tmp_path), TrainState(2, 16), model, opt, cfg, mesh)
+    assert (tmp_path / "latest").read_text().strip() == "iter_0000001"
+    # a checkpoint that holds NaN (written by something else): one line naming the tensor at load
+    path = tmp_path / "iter_0000001" / "rank_00000.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.startswith("weight/lm_head"))
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, path, metadata={"format": "1"})
+    _, _, fresh, fresh_opt = _setup()
+    with pytest.raises(CheckpointError, match="weight lm_head.weight holds NaN or Inf") as err:
+        load_checkpoint(str(tmp_path), fresh, fresh_opt, mesh, cfg)
+    assert "--allow-nonfinite-load" in str(err.value) and "\n" not in str(err.value)
+    assert load_checkpoint(str(tmp_path), fresh, fresh_opt, mesh, cfg, allow_nonfinite=True).iteration == 1
+
+
+def test_checkpoint_of_another_vocabulary_is_a_one_line_error(tmp_path):
+    train_losses(1, SHORT + ["--vocab-size", "520", "--save", str(tmp_path)])
+    with pytest.raises(CheckpointError, match="has vocab-size 520, this run 1024"):
+        train_losses(1, SHORT + ["--load", str(tmp_path)])

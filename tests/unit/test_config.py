@@ -157,7 +157,7 @@ OLD_TINY_CONFIG = {  # parse_args(TINY)
                   use_distributed_optimizer=False, overlap_grad_reduce=False, grad_reduce_in_bf16=False,
                   zero_stage=1, ddp_bucket_size=4194304, overlap_param_gather=False, log_interval=10,
                   eval_interval=1000, eval_iters=10, save=None, load=None, save_interval=None,
-                  allow_existing_save_dir=False,
+                  allow_nonfinite_load=False, max_consecutive_skipped_steps=5, allow_existing_save_dir=False,
                   recompute_granularity=None, recompute_method="uniform", recompute_num_layers=1,
                   exit_interval=None, exit_duration_in_mins=None, metrics_file=None, wandb_project=None,
                   wandb_exp_name=None, tensorboard_dir=None, peak_tflops=None),
@@ -192,7 +192,8 @@ EVERY_FLAG = """
 # Flags added since the hand-written parser (issue 13); the OpenMoE presets (not tiny) set
 # --init-method t5x, and all of them --output-z-loss-coeff 1e-4.
 NEW_FLAGS = {"--init-method", "--output-z-loss-coeff", "--moe-router-group-size",
-             "--no-moe-router-loss-average", "--allow-existing-save-dir"}
+             "--no-moe-router-loss-average", "--allow-existing-save-dir", "--allow-nonfinite-load",
+             "--max-consecutive-skipped-steps"}
 
 # argv -> the fields that differ from OLD_TINY_CONFIG, as the hand-written parser produced them (plus
 # init_method, which is new).
