@@ -30,16 +30,29 @@ class LaunchInfo:
 def detect_launch(env: dict[str, str] | None = None) -> LaunchInfo:
     """Rank and size from torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or Slurm (SLURM_PROCID/NTASKS/LOCALID)."""
     env = dict(os.environ) if env is None else env
+
+    def number(name: str, default: str | None = None) -> int:
+        text = env.get(name, default) if default is not None else env[name]
+        try:
+            return int(text.split("(")[0] or "0")  # Slurm writes e.g. "4(x2)"
+        except ValueError:
+            raise ConfigError(f"environment variable {name}={text!r} is not an integer; it comes from the "
+                              "launcher (torchrun or Slurm): unset it or fix it") from None
+
     if "RANK" in env and "WORLD_SIZE" in env:
-        world = int(env["WORLD_SIZE"])
-        return LaunchInfo(int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)),
-                          int(env.get("LOCAL_WORLD_SIZE", world)), "torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        world = int(env["SLURM_NTASKS"])
-        per_node = int(env.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0) or world
-        return LaunchInfo(int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0)),
-                          per_node, "slurm")
-    return LaunchInfo(0, 1, 0, 1, "single")
+        world = number("WORLD_SIZE")
+        info = LaunchInfo(number("RANK"), world, number("LOCAL_RANK", "0"),
+                          number("LOCAL_WORLD_SIZE", str(world)), "torchrun")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        world = number("SLURM_NTASKS")
+        info = LaunchInfo(number("SLURM_PROCID"), world, number("SLURM_LOCALID", "0"),
+                          number("SLURM_NTASKS_PER_NODE", "0") or world, "slurm")
+    else:
+        return LaunchInfo(0, 1, 0, 1, "single")
+    if not (world >= 1 and 0 <= info.rank < world):
+        raise ConfigError(f"rank {info.rank} of world size {world} from the {info.launcher} environment is "
+                          "out of range; check the launcher's variables")
+    return info
 
 
 def init_distributed(info: LaunchInfo, backend: str | None = None,

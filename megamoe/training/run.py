@@ -157,6 +157,26 @@ _TIMED_OUT = ("Timed out", "timed out", "Watchdog caught collective operation ti
 _ABORTED = ("communicator was aborted", "is aborted", "ncclCommAbort")  # NCCL's watchdog acted
 
 
+def check_output_paths(cfg: Config) -> None:
+    """Every output path is usable before step 1 (not at the first write, hours in)."""
+    t = cfg.train
+
+    def under_a_file(path: str) -> str | None:
+        parent = os.path.dirname(os.path.abspath(path))
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        return parent if parent and not os.path.isdir(parent) else None
+
+    if t.metrics_file and os.path.isdir(t.metrics_file):
+        raise ConfigError(f"--metrics-file {t.metrics_file} is a directory; pass a file path")
+    for flag, path in (("--metrics-file", t.metrics_file), ("--tensorboard-dir", t.tensorboard_dir),
+                       ("--save", t.save)):
+        if path and under_a_file(path):
+            raise ConfigError(f"{flag} {path} is under {under_a_file(path)}, which is a file")
+    if t.tensorboard_dir and os.path.exists(t.tensorboard_dir) and not os.path.isdir(t.tensorboard_dir):
+        raise ConfigError(f"--tensorboard-dir {t.tensorboard_dir} is a file; pass a directory")
+
+
 def describe_distributed_failure(error: BaseException, rank: int, timeout_minutes: float) -> str | None:
     """One line saying what went wrong between ranks, or None when ``error`` is not a distributed
     failure (then it is re-raised as it is). A timeout or lost connection means a peer died or hung;
@@ -181,19 +201,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = parse_args(argv)
         info = detect_launch()
         cfg.validate(info.world_size)  # layout errors before any collective starts
+        check_output_paths(cfg)
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
+        # NCCL: on a timeout or async error the watchdog aborts the communicators and the next wait
+        # raises in Python (2 = CleanUpOnly), instead of killing the process before it can say what.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+        backend = init_distributed(info, cfg.parallel.distributed_backend,
+                                   cfg.parallel.distributed_timeout_minutes)
+        mesh = build_mesh(cfg.parallel, info)
     except ConfigError as e:
         print(f"error: {e}", flush=True)
         return 2
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
-    # NCCL: on a timeout or async error the watchdog aborts the communicators and the next wait raises
-    # in Python (2 = CleanUpOnly), instead of killing the process before it can say what happened.
-    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
-    backend = init_distributed(info, cfg.parallel.distributed_backend,
-                               cfg.parallel.distributed_timeout_minutes)
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else \
         torch.device("cpu")
-    mesh = build_mesh(cfg.parallel, info)
     try:
         pretrain(cfg, mesh, device)
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:

@@ -164,3 +164,27 @@ def test_checkpoint_of_another_vocabulary_is_a_one_line_error(tmp_path):
     train_losses(1, SHORT + ["--vocab-size", "520", "--save", str(tmp_path)])
     with pytest.raises(CheckpointError, match="has vocab-size 520, this run 1024"):
         train_losses(1, SHORT + ["--load", str(tmp_path)])
+
+
+@pytest.mark.parametrize("env, extra, message", [
+    ({"RANK": "0", "WORLD_SIZE": "abc"}, [], "WORLD_SIZE='abc' is not an integer"),
+    ({"RANK": "5", "WORLD_SIZE": "2"}, [], "rank 5 of world size 2"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": None}, [], "MASTER_ADDR is not set"),
+    ({}, ["--metrics-file", "{tmp}"], "is a directory"),
+    ({}, ["--tensorboard-dir", "{tmp}/file"], "is a file"),
+    ({}, ["--save", "{tmp}/file/ckpt"], "which is a file"),
+], ids=["world-abc", "rank-out-of-range", "no-master-addr", "metrics-dir", "tensorboard-file",
+        "save-under-file"])
+def test_launch_and_output_path_errors_are_one_line_before_step_one(tmp_path, monkeypatch, capsys, env,
+                                                                      extra, message):
+    from megamoe.training.run import main
+
+    (tmp_path / "file").write_text("x")
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    rc = main(TINY_ARGS + [a.replace("{tmp}", str(tmp_path)) for a in extra])
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(out) == 1 and message in out[0], out
