@@ -140,22 +140,45 @@ def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimiz
     check_finite(list(model.named_parameters()), f"not saving iteration {state.iteration} to {directory}",
                  "the previous checkpoint is intact")  # before any collective: every rank or none
     step = optimizer.adam_step()
-    write_rank_file(os.path.join(tmp, f"rank_{rank:05d}.safetensors"), model, optimizer, mesh)
-    if rank == 0:
-        meta = {"format": FORMAT_VERSION, "iteration": state.iteration,
-                "consumed_samples": state.consumed_samples, "adam_step": step, "world_size": world,
-                "layout": mesh.describe(), "files": world, "config": dataclasses.asdict(cfg)}
-        placement = getattr(model, "placement", None)
-        if placement is not None:  # where each logical expert lived, for a resume at the same EP size
-            meta["placement"] = {"ep_size": placement.ep_size, "rank_of": list(placement.rank_of),
-                                 "slot_of": list(placement.slot_of)}
-        _atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
-    _barrier(world)
+    failure = None
+    try:  # a write error (a full disk) must not leave the peers waiting: agree on success first
+        write_rank_file(os.path.join(tmp, f"rank_{rank:05d}.safetensors"), model, optimizer, mesh)
+        if rank == 0:
+            _atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(
+                _meta(state, step, model, cfg, mesh), indent=1))
+    except OSError as e:
+        failure = e
+    failed_rank = _first_failed_rank(failure is not None, rank, world)
+    if failed_rank is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = f": {failure.strerror or failure}" if failure is not None else ""
+        raise CheckpointError(f"saving iteration {state.iteration} to {directory} failed on rank "
+                              f"{failed_rank}{reason}; the previous checkpoint is intact")
     if rank == 0:
         _swap_into_place(tmp, final)
         _atomic_write_text(os.path.join(directory, "latest"), name + "\n")
     _barrier(world)
     return final
+
+
+def _meta(state: TrainState, step: float, model: nn.Module, cfg: Config, mesh: ParallelMesh) -> dict:
+    meta = {"format": FORMAT_VERSION, "iteration": state.iteration,
+            "consumed_samples": state.consumed_samples, "adam_step": step, "world_size": mesh.world_size,
+            "layout": mesh.describe(), "files": mesh.world_size, "config": dataclasses.asdict(cfg)}
+    placement = getattr(model, "placement", None)
+    if placement is not None:  # where each logical expert lived, for a resume at the same EP size
+        meta["placement"] = {"ep_size": placement.ep_size, "rank_of": list(placement.rank_of),
+                             "slot_of": list(placement.slot_of)}
+    return meta
+
+
+def _first_failed_rank(failed: bool, rank: int, world: int) -> int | None:
+    """The lowest rank whose part of the save failed, agreed by every rank (it replaces a barrier)."""
+    mark = torch.tensor([rank if failed else world], dtype=torch.int64)
+    if world > 1:
+        dist.all_reduce(mark, op=dist.ReduceOp.MIN)
+    return int(mark) if int(mark) < world else None
 
 
 def write_rank_file(path: str, model: nn.Module, optimizer: DistributedOptimizer, mesh: ParallelMesh) -> None:

@@ -23,7 +23,11 @@ _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", t
 class StreamingSafetensors:
     """``with StreamingSafetensors(path, {name: (dtype, shape)}, metadata) as f: f.write(name, t)``;
     every declared tensor must be written in full (at once, or in flat ranges with
-    :meth:`write_range`) before the file closes."""
+    :meth:`write_range`) before the file closes.
+
+    A failed write (a full disk) does not raise at once: later writes are skipped and the error is
+    raised when the file closes, so that a caller interleaving writes with collectives (the
+    checkpoint's state gathering) keeps taking part in them and no peer waits for ever."""
 
     def __init__(self, path: str, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str]) -> None:
@@ -41,9 +45,17 @@ class StreamingSafetensors:
         self.layout, self.path = layout, path
         self.missing = {name: span[1] for name, span in self.spans.items()}  # bytes still to write
         self.data_start = 8 + len(encoded)
+        self.error: OSError | None = None
         self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(encoded)) + encoded)
-        self.file.truncate(self.data_start + offset)
+        self._guard(lambda: (self.file.write(struct.pack("<Q", len(encoded)) + encoded),
+                             self.file.truncate(self.data_start + offset)))
+
+    def _guard(self, action) -> None:
+        if self.error is None:
+            try:
+                action()
+            except OSError as e:
+                self.error = e
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if tuple(tensor.shape) != tuple(self.layout[name][1]):
@@ -59,10 +71,10 @@ class StreamingSafetensors:
             raise ValueError(f"{name}: {values.dtype} [{first}, {first + values.numel()}) does not fit "
                              f"the declared {dtype} tensor")
         host = values.detach().to("cpu").contiguous().view(torch.uint8)
-        self.file.seek(self.data_start + offset + first * size)
-        if host.numel():
-            self.file.write(host.numpy())  # the buffer itself, no bytes copy
         self.missing[name] -= host.numel()
+        if host.numel():
+            self._guard(lambda: (self.file.seek(self.data_start + offset + first * size),
+                                 self.file.write(host.numpy())))  # the buffer itself, no bytes copy
 
     def __enter__(self) -> StreamingSafetensors:
         return self
@@ -73,7 +85,11 @@ class StreamingSafetensors:
             if exc_type is None and unwritten:
                 raise RuntimeError(f"{self.path}: {len(unwritten)} declared tensors not fully written, "
                                    f"e.g. {unwritten[0]}")
-            self.file.flush()
-            os.fsync(self.file.fileno())
+            self._guard(lambda: (self.file.flush(), os.fsync(self.file.fileno())))
         finally:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as e:
+                self.error = self.error or e
+        if exc_type is None and self.error is not None:
+            raise self.error

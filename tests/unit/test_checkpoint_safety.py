@@ -41,7 +41,7 @@ def test_failed_resave_of_an_iteration_keeps_the_previous_copy(tmp_path, monkeyp
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "write_rank_file", dies)  # the disk fills during the re-save
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="failed on rank 0: No space left on device; the previous"):
         save_checkpoint(str(tmp_path), TrainState(5, 40), model, opt, cfg, mesh)
     monkeypatch.undo()
     _, _, fresh, fresh_opt = _setup()
@@ -188,3 +188,39 @@ def test_launch_and_output_path_errors_are_one_line_before_step_one(tmp_path, mo
     rc = main(TINY_ARGS + [a.replace("{tmp}", str(tmp_path)) for a in extra])
     out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(out) == 1 and message in out[0], out
+
+
+def _save_with_full_disk_on_rank_1(rank, world, directory):
+    import torch.distributed as dist
+
+    from megamoe.training import safetensors_stream
+
+    cfg = parse_args(TINY_ARGS + ["--use-distributed-optimizer"])
+    mesh = ParallelMesh.from_config(cfg.parallel, world, rank)
+    mesh.build_groups()
+    model = build_model(cfg, mesh, torch.device("cpu"))
+    opt = build_optimizer(model, cfg, mesh)
+    save_checkpoint(directory, TrainState(1, 8), model, opt, cfg, mesh)
+    if rank == 1:  # the disk fills while this rank writes; it still takes part in the state gathering
+        def full(self, *_args, **_kwargs):
+            raise OSError(28, "No space left on device")
+
+        safetensors_stream.StreamingSafetensors.write_range = full
+    try:
+        save_checkpoint(directory, TrainState(2, 16), model, opt, cfg, mesh)
+    except CheckpointError as e:
+        message = str(e)
+    dist.barrier()
+    return message
+
+
+def test_a_failed_save_on_one_rank_is_one_line_on_every_rank(tmp_path):
+    from tests.harness import run_ranks
+
+    messages = run_ranks(2, _save_with_full_disk_on_rank_1, str(tmp_path), timeout=120)
+    for message in messages:  # every rank reports it, none waits for ever
+        assert message.startswith(f"saving iteration 2 to {tmp_path} failed on rank 1")
+        assert message.endswith("; the previous checkpoint is intact") and "\n" not in message
+    assert "No space left on device" in messages[1]  # the rank that failed says why
+    assert (tmp_path / "latest").read_text().strip() == "iter_0000001"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "latest"]  # no .tmp left
