@@ -34,6 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    try:
+        _describe(path, meta, index, args.tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        print(f"error: checkpoint {path}/meta.json lacks or garbles {e}; save the checkpoint again",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _describe(path: str, meta: dict, index: _Index, tensors: bool) -> None:
     cfg = meta["config"]
     m, moe = cfg["model"], cfg["moe"]
     size = sum(os.path.getsize(f) for f in index.files)
@@ -55,11 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         kinds[kind] = kinds.get(kind, 0) + 1
         keys.setdefault(key, set()).add(kind)
     print(f"tensors        {len(keys)} logical: " + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())))
-    if args.tensors:
+    if tensors:
         for key in sorted(keys):
             pieces = index.entries[("weight", key)]
             print(f"  {key:60s} {'+'.join(sorted(keys[key])):35s} {len(pieces)} piece(s)")
-    return 0
 
 
 if __name__ == "__main__":

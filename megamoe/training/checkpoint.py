@@ -319,13 +319,41 @@ def read_meta(path: str) -> dict[str, Any]:
     try:
         with open(os.path.join(path, "meta.json")) as f:
             meta: dict[str, Any] = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}/meta.json is unreadable ({e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path}/meta.json holds a {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT_VERSION or "files" not in meta:
         found = meta.get("format", "pre-1")
         raise CheckpointError(f"checkpoint {path} has format {found}, this megamoe reads format "
                               f"{FORMAT_VERSION}; save it again with a matching version")
+    for key in ("iteration", "consumed_samples", "world_size", "files"):
+        if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool) or meta[key] < 0:
+            raise CheckpointError(f"checkpoint {path}/meta.json: {key} is {meta.get(key)!r}, not a "
+                                  "non-negative integer")
+    config = meta.get("config")
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("model", "moe")):
+        raise CheckpointError(f"checkpoint {path}/meta.json has no model config")
+    _check_placement(meta.get("placement"), config["moe"].get("num_experts"), path)
     return meta
+
+
+def _check_placement(saved: Any, num_experts: Any, path: str) -> None:
+    """A saved expert placement must be a table over every logical expert."""
+    if saved is None:
+        return
+    ok = isinstance(saved, dict) and isinstance(saved.get("ep_size"), int) and saved["ep_size"] > 0
+    rank_of, slot_of = (saved.get("rank_of"), saved.get("slot_of")) if ok else (None, None)
+    ok = ok and isinstance(rank_of, list) and isinstance(slot_of, list)
+    ok = ok and len(rank_of) == len(slot_of) == num_experts
+    if ok:
+        try:
+            ExpertPlacement.from_ranks(list(rank_of), saved["ep_size"])
+        except (ValueError, TypeError):
+            ok = False
+    if not ok:
+        raise CheckpointError(f"checkpoint {path}/meta.json has an expert placement that is not a table "
+                              f"of {num_experts} experts over its EP ranks; remove it or save again")
 
 
 class _Index:

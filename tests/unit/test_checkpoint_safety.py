@@ -224,3 +224,26 @@ def test_a_failed_save_on_one_rank_is_one_line_on_every_rank(tmp_path):
     assert "No space left on device" in messages[1]  # the rank that failed says why
     assert (tmp_path / "latest").read_text().strip() == "iter_0000001"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "latest"]  # no .tmp left
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta: [meta], "holds a list, not an object"),
+    (lambda meta: {**meta, "iteration": "x"}, "iteration is 'x', not a non-negative integer"),
+    (lambda meta: {k: v for k, v in meta.items() if k != "config"}, "has no model config"),
+    (lambda meta: {**meta, "placement": {"ep_size": 1, "rank_of": [0, 0], "slot_of": [0, 1]}},
+     "expert placement that is not a table of 8 experts"),
+], ids=["list", "iteration-not-int", "no-config", "placement-wrong-size"])
+def test_garbled_meta_json_is_one_line_for_load_and_checkpoint_info(tmp_path, capsys, edit, message):
+    import json
+    import subprocess
+    import sys
+
+    train_losses(1, SHORT + ["--save", str(tmp_path)])
+    meta_path = tmp_path / "iter_0000003" / "meta.json"
+    meta_path.write_text(json.dumps(edit(json.loads(meta_path.read_text()))))
+    with pytest.raises(CheckpointError, match=message) as err:
+        train_losses(1, SHORT + ["--load", str(tmp_path), "--save", str(tmp_path)])
+    assert "\n" not in str(err.value)
+    info = subprocess.run([sys.executable, "tools/checkpoint_info.py", str(tmp_path)], capture_output=True,
+                          text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert info.returncode == 1 and message in info.stderr and len(info.stderr.strip().splitlines()) == 1
