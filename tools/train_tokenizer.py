@@ -33,18 +33,19 @@ from megamoe.data.indexed_dataset import WriteAside, existing_outputs  # noqa: E
 
 
 def read_texts(path: str, keys: list[str]) -> Iterator[str]:
-    """Texts under ``keys`` of each JSONL line; malformed lines are counted and reported once."""
+    """Texts under ``keys`` of each JSONL line; malformed lines (bad JSON, missing keys, bytes that
+    are not UTF-8) are skipped, counted and reported once, as preprocess_data.py does."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: input corpus not found; build it with tools/make_corpus.py")
     bad, first_bad = 0, None
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                doc = json.loads(line)
+                doc = json.loads(raw.decode("utf-8"))
                 texts = [doc[k] for k in keys]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
                 bad, first_bad = bad + 1, first_bad or lineno
                 continue
             yield from (t for t in texts if isinstance(t, str) and t)

@@ -309,3 +309,19 @@ def test_merge_refuses_overwrite_and_survives_failure(corpus, tmp_path, capsys, 
     tool("merge_datasets.py", "--input", a, a, "--output-prefix", out / "m", "--overwrite")
     assert len(IndexedDataset(str(out / "m"))) == 2 * len(IndexedDataset(str(a)))
     assert sorted(os.listdir(out)) == ["m.bin", "m.idx"]
+
+
+def test_train_tokenizer_skips_lines_that_are_not_utf8(corpus, tmp_path):
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_bytes(b"\xff\xfe\x00binary\n" + (corpus / "corpus.jsonl").read_bytes())
+    proc = tool("train_tokenizer.py", "--input", mixed, "--json-keys", "text", "--vocab-size", 512,
+                "--model-prefix", tmp_path / "tok")
+    assert "skipped 1 malformed line(s), first at line 1" in proc.stderr and (tmp_path / "tok.model").exists()
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(bytes(range(256)) * 4)
+    proc = tool("train_tokenizer.py", "--input", binary, "--json-keys", "text", "--vocab-size", 512,
+                "--model-prefix", tmp_path / "bin", ok=False)
+    lines = proc.stderr.strip().splitlines()  # the skip count, then the error: no traceback
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(lines) == 2
+    assert "skipped 5 malformed line(s)" in lines[0] and lines[1].startswith("error: ")
+    assert "no text under key(s) text" in lines[1]
