@@ -113,8 +113,21 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
     torch.manual_seed(cfg.train.seed)
     if placement is None and cfg.train.load:  # resume where the experts were (same EP size only)
         placement = saved_placement(cfg.train.load, mesh.ep)
-    model = build_model(cfg, mesh, device, placement)
+    try:
+        model = build_model(cfg, mesh, device, placement)
+    except (MemoryError, torch.OutOfMemoryError) as e:  # e.g. a --vocab-size of billions
+        raise ConfigError(f"the model does not fit in memory on rank {mesh.rank} ({type(e).__name__}); "
+                          "check --vocab-size, --hidden-size and --num-experts, or add parallelism") from None
+    except RuntimeError as e:
+        if "allocate" not in str(e):
+            raise
+        raise ConfigError(f"the model does not fit in memory on rank {mesh.rank} ({str(e).splitlines()[0]}); "
+                          "check --vocab-size, --hidden-size and --num-experts, or add parallelism") from None
     logger = MetricsLogger(cfg, enabled=mesh.rank == 0)
+    t = cfg.train
+    if t.lr_warmup_iters >= t.train_iters:
+        logger.info(f" > note: --lr-warmup-iters {t.lr_warmup_iters} >= --train-iters {t.train_iters}: the "
+                    "learning rate never reaches --lr")
     optimizer = build_optimizer(model, cfg, mesh)
     mem = optimizer.memory_bytes()
     logger.info(" > memory per rank (MiB): " + ", ".join(f"{k} {v / 2**20:.2f}" for k, v in mem.items()))

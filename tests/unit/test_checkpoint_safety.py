@@ -247,3 +247,17 @@ def test_garbled_meta_json_is_one_line_for_load_and_checkpoint_info(tmp_path, ca
     info = subprocess.run([sys.executable, "tools/checkpoint_info.py", str(tmp_path)], capture_output=True,
                           text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert info.returncode == 1 and message in info.stderr and len(info.stderr.strip().splitlines()) == 1
+
+
+def test_a_model_too_large_to_allocate_is_one_line(capsys):
+    from megamoe.training.run import main
+
+    rc = main(TINY_ARGS + ["--vocab-size", "100000000000"])
+    errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "does not fit in memory on rank 0" in errors[0]
+
+
+def test_warmup_longer_than_training_is_noted(capsys):
+    train_losses(1, ["--train-iters", "2", "--lr-warmup-iters", "5"])
+    note = "--lr-warmup-iters 5 >= --train-iters 2: the learning rate never reaches --lr"
+    assert note in capsys.readouterr().out
