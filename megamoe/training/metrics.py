@@ -157,6 +157,19 @@ class MetricsLogger:
             self._wandb = wandb.init(project=t.wandb_project, name=t.wandb_exp_name,
                                      config=_flat_config(cfg))
 
+    def _write_record(self, record: dict[str, Any]) -> None:
+        """One JSON line. A failed write (a full disk) must not kill hours of training: say so once and
+        stop writing the file; training, checkpoints and the console go on."""
+        if self._file is None:
+            return
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            print(f" > WARNING: --metrics-file {self.cfg.train.metrics_file}: write failed "
+                  f"({e.strerror or e}); no more metrics go there, training goes on", flush=True)
+            self._file = None
+
     def info(self, msg: str) -> None:
         if self.enabled:
             print(msg, flush=True)
@@ -165,9 +178,7 @@ class MetricsLogger:
         """Every iteration goes to the metrics file; the console every --log-interval."""
         if not self.enabled:
             return
-        if self._file is not None:
-            self._file.write(json.dumps(rec) + "\n")
-            self._file.flush()
+        self._write_record(rec)
         it = rec["iteration"]
         if self._tb is not None:
             for k, v in rec.items():
@@ -186,9 +197,7 @@ class MetricsLogger:
         ppl = math.exp(min(loss, 20.0))
         print(f" validation loss at iteration {iteration} | lm loss: {loss:.6E} | "
               f"lm loss PPL: {ppl:.6E}", flush=True)
-        if self._file is not None:
-            self._file.write(json.dumps({"iteration": iteration, "eval_lm_loss": loss}) + "\n")
-            self._file.flush()
+        self._write_record({"iteration": iteration, "eval_lm_loss": loss})
         if self._tb is not None:
             self._tb.add_scalar("valid/lm_loss", loss, iteration)
         if self._wandb is not None:

@@ -261,3 +261,19 @@ def test_warmup_longer_than_training_is_noted(capsys):
     train_losses(1, ["--train-iters", "2", "--lr-warmup-iters", "5"])
     note = "--lr-warmup-iters 5 >= --train-iters 2: the learning rate never reaches --lr"
     assert note in capsys.readouterr().out
+
+
+def test_a_failing_metrics_file_does_not_stop_training(tmp_path, monkeypatch, capsys):
+    import io
+
+    from megamoe.training import metrics
+
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(metrics, "open", lambda *_a, **_k: FullDisk(), raising=False)
+    recs = train_losses(1, SHORT + ["--metrics-file", str(tmp_path / "m.jsonl")])
+    assert len(recs) == 3  # all steps trained
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "--metrics-file" in line]
+    assert len(warnings) == 1 and "write failed (No space left on device)" in warnings[0]
