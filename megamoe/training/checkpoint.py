@@ -282,16 +282,17 @@ def holds_checkpoints(directory: str) -> bool:
         name.startswith("iter_") and not name.endswith(".tmp") for name in os.listdir(directory))
 
 
-def check_save_directory(save: str | None, load: str | None, resumed: bool, allow_existing: bool) -> None:
+def check_save_directory(save: str | None, resumed_from_save: bool, allow_existing: bool) -> bool:
     """Before step 1: a run that did not resume from its --save directory must not write into one that
     holds another run's checkpoints (its saves would replace that run's iterations and move
-    ``latest``); an unwritable --save fails now, not at the first save."""
+    ``latest``); an unwritable --save fails now, not at the first save. Returns whether --save holds
+    another run's checkpoints (allowed by ``allow_existing``: then none of them may be replaced)."""
     if save is None:
-        return
+        return False
     if os.path.exists(save) and not os.path.isdir(save):
         raise CheckpointError(f"--save {save} is a file; pass a directory")
-    same = load is not None and os.path.realpath(load) == os.path.realpath(save)
-    if holds_checkpoints(save) and not (resumed and same) and not allow_existing:
+    other_runs = holds_checkpoints(save) and not resumed_from_save
+    if other_runs and not allow_existing:
         raise CheckpointError(f"--save {save} already holds checkpoints of another run and this run did not "
                               "resume from it; pass --load with the same directory to continue it, or "
                               "--allow-existing-save-dir")
@@ -301,6 +302,7 @@ def check_save_directory(save: str | None, load: str | None, resumed: bool, allo
         raise CheckpointError(f"--save {save} cannot be created ({e.strerror})") from e
     if not os.access(save, os.W_OK):
         raise CheckpointError(f"--save {save} is not writable")
+    return other_runs
 
 
 def saved_placement(directory: str, ep_size: int) -> ExpertPlacement | None:

@@ -30,7 +30,6 @@ from megamoe.params import cast_params
 from megamoe.training.checkpoint import (
     CheckpointError,
     check_save_directory,
-    holds_checkpoints,
     load_checkpoint,
     saved_placement,
 )
@@ -115,14 +114,13 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
         placement = saved_placement(cfg.train.load, mesh.ep)
     try:
         model = build_model(cfg, mesh, device, placement)
-    except (MemoryError, torch.OutOfMemoryError) as e:  # e.g. a --vocab-size of billions
-        raise ConfigError(f"the model does not fit in memory on rank {mesh.rank} ({type(e).__name__}); "
-                          "check --vocab-size, --hidden-size and --num-experts, or add parallelism") from None
-    except RuntimeError as e:
-        if "allocate" not in str(e):
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError too
+        out_of_memory = isinstance(e, MemoryError | torch.OutOfMemoryError) or "allocate" in str(e)
+        if not out_of_memory:
             raise
-        raise ConfigError(f"the model does not fit in memory on rank {mesh.rank} ({str(e).splitlines()[0]}); "
-                          "check --vocab-size, --hidden-size and --num-experts, or add parallelism") from None
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__  # e.g. a --vocab-size of billions
+        raise ConfigError(f"the model does not fit in memory on rank {mesh.rank} ({what}); check "
+                          "--vocab-size, --hidden-size and --num-experts, or add parallelism") from None
     logger = MetricsLogger(cfg, enabled=mesh.rank == 0)
     t = cfg.train
     if t.lr_warmup_iters >= t.train_iters:
@@ -144,19 +142,19 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
                   shape=(cfg.train.micro_batch_size, seq, cfg.model.hidden_size),
                   dtype=torch.bfloat16 if cfg.train.bf16 else torch.float32, device=device)
     trainer = Trainer(cfg, mesh, model, optimizer, train_data, valid_data, logger, device, peak, p2p)
-    t, state = cfg.train, None
+    state = None
+    auto_resume = t.load is not None and t.save is not None and (
+        os.path.realpath(t.load) == os.path.realpath(t.save))  # --load = --save
     if t.load:
         state = load_checkpoint(t.load, model, optimizer, mesh, cfg, allow_nonfinite=t.allow_nonfinite_load)
         if state is not None:
             trainer.state = state
             logger.info(f" > resumed from {t.load} at iteration {state.iteration}")
-        elif t.save is None or os.path.realpath(t.load) != os.path.realpath(t.save):  # not auto-resume
+        elif not auto_resume:
             logger.info(f" > WARNING: no checkpoint in --load {t.load}: training starts from scratch")
-    resumed_from_save = state is not None and t.save is not None and (
-        os.path.realpath(t.load) == os.path.realpath(t.save))
-    other_runs_saves = t.save is not None and holds_checkpoints(t.save) and not resumed_from_save
-    check_save_directory(t.save, t.load, state is not None, t.allow_existing_save_dir)
-    trainer.replace_saved = not other_runs_saves  # with --allow-existing-save-dir: add, never replace
+    # with --allow-existing-save-dir, this run adds to another run's checkpoints but never replaces one
+    trainer.replace_saved = not check_save_directory(t.save, state is not None and auto_resume,
+                                                     t.allow_existing_save_dir)
     try:
         return trainer.train()
     finally:
