@@ -10,7 +10,7 @@ Plain functions and constants, imported with ``from tests.conftest import ...``:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -73,3 +73,44 @@ def assert_one_line_config_error(argv: Sequence[str], world: int, message: str,
         parse_args(list(base_args) + list(argv)).validate(world)
     text = str(err.value)
     assert message in text and "\n" not in text
+
+
+def train_and_inspect(rank: int, world: int, argv: Sequence[str], inspect: Callable[[Any], dict[str, Any]],
+                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A ``run_ranks`` function: train on this rank with ``argv`` and return what ``inspect(trainer)``
+    reported after the last step (later steps update earlier keys), and this rank's records."""
+    from megamoe.training import loop
+    from tests.harness import _train_rank
+
+    seen: dict[str, Any] = {}
+    original = loop.Trainer.train_step
+
+    def spy(self):
+        record = original(self)
+        seen.update(inspect(self))
+        return record
+
+    loop.Trainer.train_step = spy
+    try:
+        return seen, _train_rank(rank, world, argv)
+    finally:
+        loop.Trainer.train_step = original
+
+
+def poison_expert_grads(monkeypatch: pytest.MonkeyPatch, poisoned: Callable[[int], bool]) -> None:
+    """Multiply the n-th expert output-projection gradient (counting every MoE layer's backward, from
+    1) by inf wherever ``poisoned(n)``; set before the model is built (and before ranks fork)."""
+    from megamoe.moe.experts import GroupedExperts
+
+    original, calls = GroupedExperts.__init__, {"n": 0}
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+
+        def hook(grad):
+            calls["n"] += 1
+            return grad * float("inf") if poisoned(calls["n"]) else grad
+
+        self.wo.register_hook(hook)
+
+    monkeypatch.setattr(GroupedExperts, "__init__", init)

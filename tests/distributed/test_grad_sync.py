@@ -4,7 +4,7 @@ exchange included)."""
 
 import pytest
 
-from tests.conftest import EP, Z, assert_same_losses
+from tests.conftest import EP, Z, assert_same_losses, train_and_inspect
 from tests.harness import TINY_ARGS, run_ranks, train_losses
 
 MANY_MICRO_BATCHES = ["--global-batch-size", "16", "--micro-batch-size", "1"]  # 4 per rank at DP 4
@@ -19,23 +19,18 @@ def _reductions(rank, world, extra):
     """Train two steps; return how each bucket reduction started (async from a backward hook, or
     synchronously in finish) and the number of buckets per group."""
     from megamoe.parallel import grad_buffer
-    from megamoe.training import loop
 
-    started, buckets = [], {}
-    original_reduce, original_step = grad_buffer.GradBuffer._reduce, loop.Trainer.train_step
+    started, original_reduce = [], grad_buffer.GradBuffer._reduce
 
     def spy_reduce(self, bucket, async_op):
         started.append(async_op)
         return original_reduce(self, bucket, async_op)
 
-    def spy_step(self):
-        buckets.update({b.layout.name: len(b.layout.buckets) for b in self.optimizer.buffers})
-        return original_step(self)
+    grad_buffer.GradBuffer._reduce = spy_reduce
+    def bucket_counts(trainer):
+        return {b.layout.name: len(b.layout.buckets) for b in trainer.optimizer.buffers}
 
-    grad_buffer.GradBuffer._reduce, loop.Trainer.train_step = spy_reduce, spy_step
-    from tests.harness import _train_rank
-
-    recs = _train_rank(rank, world, TINY_ARGS + ["--train-iters", "2"] + extra)
+    buckets, recs = train_and_inspect(rank, world, TINY_ARGS + ["--train-iters", "2"] + extra, bucket_counts)
     return dict(started=started, buckets=buckets, losses=[r["lm_loss"] for r in recs])
 
 
@@ -74,31 +69,18 @@ def test_overlap_with_chunked_exchange_and_expert_dp(single_many, extra, chunks)
     assert_same_losses(single_many, train_losses(4, MANY_MICRO_BATCHES + layout + extra), rel=1e-5)
 
 
-def _precision_after_a_step(rank, world, extra):
-    from megamoe.training import loop
-
-    seen = {}
-    original = loop.Trainer.train_step
-
-    def spy(self):
-        rec = original(self)
-        seen["params"] = {name: str(p.dtype) for name, p in self.model.named_parameters()}
-        seen["buckets"] = [sorted({str(p.dtype) for p in bucket.params})
-                           for buffer in self.optimizer.buffers for bucket in buffer.layout.buckets]
-        seen["masters"] = sorted({str(piece.master.dtype) for piece in self.optimizer.pieces})
-        return rec
-
-    loop.Trainer.train_step = spy
-    from tests.harness import _train_rank
-
-    argv = TINY_ARGS + ["--train-iters", "1", "--bf16", "--ddp-bucket-size", "3000"] + extra
-    _train_rank(rank, world, argv)
-    return seen
+def _precision(trainer):
+    """Parameter, bucket and master dtypes after a step."""
+    return dict(params={name: str(p.dtype) for name, p in trainer.model.named_parameters()},
+                buckets=[sorted({str(p.dtype) for p in bucket.params})
+                         for buffer in trainer.optimizer.buffers for bucket in buffer.layout.buckets],
+                masters=sorted({str(piece.master.dtype) for piece in trainer.optimizer.pieces}))
 
 
 @pytest.mark.parametrize("extra", [[], [Z, "--overlap-param-gather"]], ids=["plain", "zero"])
 def test_router_gate_stays_fp32_under_bf16(extra):
-    seen = run_ranks(2, _precision_after_a_step, extra)[0]
+    argv = TINY_ARGS + ["--train-iters", "1", "--bf16", "--ddp-bucket-size", "3000"] + extra
+    seen = run_ranks(2, train_and_inspect, argv, _precision)[0][0]
     gates = {name: dtype for name, dtype in seen["params"].items() if name.endswith("gate_weight")}
     assert gates and set(gates.values()) == {"torch.float32"}
     others = {dtype for name, dtype in seen["params"].items() if name not in gates}

@@ -10,7 +10,17 @@ from megamoe.parallel.mesh import ParallelMesh
 from megamoe.parallel.optimizer import build_optimizer, optimizer_memory_estimate
 from megamoe.params import is_expert
 from megamoe.training.run import build_stage_model
-from tests.conftest import BIG, EP, PP, TP, Z, assert_one_line_config_error, assert_same_losses
+from tests.conftest import (
+    BIG,
+    EP,
+    PP,
+    TP,
+    Z,
+    assert_one_line_config_error,
+    assert_same_losses,
+    poison_expert_grads,
+    train_and_inspect,
+)
 from tests.harness import TINY_ARGS, run_ranks, train_losses
 
 
@@ -127,20 +137,7 @@ def test_grad_reduce_in_bf16_stays_close_to_fp32(single):
 def test_non_finite_gradient_skips_the_step(monkeypatch, extra):
     # An inf in one expert gradient at iteration 2 only: the step is skipped (logged), the weights are
     # untouched, and training continues from the same weights as if that batch were never applied.
-    from megamoe.moe.experts import GroupedExperts
-
-    original, calls = GroupedExperts.__init__, {"n": 0}
-
-    def poisoned(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-
-        def hook(g):
-            calls["n"] += 1
-            return g * float("inf") if 8 < calls["n"] <= 16 else g  # 4 micro-batches x 2 MoE layers per step
-
-        self.wo.register_hook(hook)
-
-    monkeypatch.setattr(GroupedExperts, "__init__", poisoned)
+    poison_expert_grads(monkeypatch, lambda n: 8 < n <= 16)  # 4 micro-batches x 2 MoE layers per step
     recs = train_losses(1, ["--train-iters", "4"] + extra)
     assert [r["skipped"] for r in recs] == [False, True, False, False]
     assert recs[1]["grad_norm"] != recs[1]["grad_norm"] or recs[1]["grad_norm"] == float("inf")
@@ -172,30 +169,19 @@ def test_zero2_layout_invariance_world8(single_big):
     _same(single_big, train_losses(8, BIG + Z2 + [TP, "2", EP, "2"]))
 
 
-def _grad_memory(rank, world, extra):
-    """Persistent and peak gradient bytes over two real training steps on this rank."""
-    from megamoe.training import loop
-
-    seen = {}
-    original = loop.Trainer.train_step
-
-    def spy(self):
-        rec = original(self)
-        seen.update(self.optimizer.memory_bytes(), peak=self.optimizer.peak_grad_bytes,
-                    full=sum(b.layout.numel for b in self.optimizer.buffers) * 4, dp=self.mesh.dp)
-        return rec
-
-    loop.Trainer.train_step = spy
-    from tests.harness import _train_rank
-
-    _train_rank(rank, world, TINY_ARGS + ["--train-iters", "2"] + extra)
-    return seen
+def _grad_memory(trainer):
+    """Persistent and peak gradient bytes of this rank after a real training step."""
+    opt = trainer.optimizer
+    return dict(opt.memory_bytes(), peak=opt.peak_grad_bytes,
+                full=sum(b.layout.numel for b in opt.buffers) * 4, dp=trainer.mesh.dp)
 
 
 def test_zero2_keeps_only_the_gradient_shard():
     bucket = 3000
-    s1 = run_ranks(4, _grad_memory, [Z, "--ddp-bucket-size", str(bucket)])[0]
-    s2 = run_ranks(4, _grad_memory, Z2)[0]
+    two_steps = TINY_ARGS + ["--train-iters", "2"]
+    stage1 = two_steps + [Z, "--ddp-bucket-size", str(bucket)]
+    s1 = run_ranks(4, train_and_inspect, stage1, _grad_memory)[0][0]
+    s2 = run_ranks(4, train_and_inspect, two_steps + Z2, _grad_memory)[0][0]
     assert s1["grads"] == s1["full"]  # stage 1: the whole fp32 buffer stays for accumulation
     assert s2["full"] == s1["full"] and s2["dp"] == 4
     assert s2["grads"] == s2["full"] // 4  # stage 2: the 1/DP shard persists

@@ -12,6 +12,7 @@ from megamoe.parallel.optimizer import build_optimizer
 from megamoe.training import checkpoint
 from megamoe.training.checkpoint import CheckpointError, TrainState, load_checkpoint, save_checkpoint
 from megamoe.training.run import build_model
+from tests.conftest import poison_expert_grads
 from tests.harness import TINY_ARGS, train_losses
 
 SHORT = ["--train-iters", "3", "--lr-decay-iters", "6"]
@@ -109,28 +110,10 @@ def test_save_into_a_file_fails_before_step_one(tmp_path):
         train_losses(1, SHORT + ["--save", str(target)])
 
 
-def _poison_expert_grads(monkeypatch, from_call: int = 0) -> None:
-    """Every expert output-projection gradient becomes inf (after ``from_call`` backward calls)."""
-    from megamoe.moe.experts import GroupedExperts
-
-    original, calls = GroupedExperts.__init__, {"n": 0}
-
-    def poisoned(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-
-        def hook(grad):
-            calls["n"] += 1
-            return grad * float("inf") if calls["n"] > from_call else grad
-
-        self.wo.register_hook(hook)
-
-    monkeypatch.setattr(GroupedExperts, "__init__", poisoned)
-
-
 def test_every_step_skipped_stops_with_one_line(tmp_path, monkeypatch, capsys):
     from megamoe.training.run import main
 
-    _poison_expert_grads(monkeypatch)
+    poison_expert_grads(monkeypatch, lambda n: True)
     rc = main(TINY_ARGS + ["--max-consecutive-skipped-steps", "3", "--save", str(tmp_path)])
     errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and "3 steps in a row had a non-finite gradient norm" in errors[0]
