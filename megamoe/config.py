@@ -141,6 +141,12 @@ class ParallelConfig:
         "TP>1 without SP: send every TP rank's (identical) tokens instead of 1/TP each", True)
     moe_ranks_per_node: int = flag(
         "node size for hierarchical all-to-all (0: LOCAL_WORLD_SIZE or MEGAMOE_RANKS_PER_NODE)", 0)
+    moe_rebalance_interval: int = flag(
+        "every N steps, move experts between EP ranks to even out their measured load (0: never)", 0)
+    moe_rebalance_window: int = flag(
+        "steps of routed-token counts the rebalancer plans from (a moving window)", 100)
+    moe_rebalance_min_gain: float = flag(
+        "rebalance a layer only when the plan lowers its EP-rank load max/mean by this fraction", 0.05)
     num_layers_per_virtual_pipeline_stage: int | None = flag(
         "interleaved 1F1B: layers per model chunk (virtual stage)", None)
     decoder_first_pipeline_num_layers: int | None = flag(
@@ -171,6 +177,15 @@ class ParallelConfig:
         _check(self.moe_alltoall_chunks >= 1,
                f"--moe-alltoall-chunks must be >= 1, got {self.moe_alltoall_chunks}")
         _check(self.moe_ranks_per_node >= 0, "--moe-ranks-per-node must be >= 0")
+        _check(self.moe_rebalance_interval >= 0,
+               f"--moe-rebalance-interval must be >= 0 (0: never), got {self.moe_rebalance_interval}")
+        _check(self.moe_rebalance_interval == 0 or self.expert_model_parallel_size > 1,
+               "--moe-rebalance-interval needs --expert-model-parallel-size > 1 (with one EP rank there "
+               "is nothing to balance)")
+        _check(self.moe_rebalance_window >= 1,
+               f"--moe-rebalance-window must be >= 1 step, got {self.moe_rebalance_window}")
+        _check(0.0 <= self.moe_rebalance_min_gain < 1.0,
+               f"--moe-rebalance-min-gain must be in [0, 1), got {self.moe_rebalance_min_gain}")
         _check(self.num_layers_per_virtual_pipeline_stage is None or self.pipeline_model_parallel_size > 1,
                "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
         _check(self.expert_tensor_parallel_size == 1,

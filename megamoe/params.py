@@ -15,6 +15,7 @@ This module imports nothing from megamoe: it is the bottom layer every package m
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -74,6 +75,12 @@ def expert(param: nn.Parameter, *, std: float, expert_ids: list[int], truncated:
     """Stacked weights [E_local, ...] of the logical experts ``expert_ids`` (slot order)."""
     init = InitSpec(std, truncated=truncated)
     return set_role(param, ParamRole("expert", init, expert_ids=tuple(expert_ids)))
+
+
+def relabel_experts(param: nn.Parameter, expert_ids: list[int]) -> None:
+    """The slots of an expert parameter now hold the logical experts ``expert_ids`` (after the
+    rebalancer moved their weights): checkpoints key the slots by these ids."""
+    set_role(param, dataclasses.replace(role(param), expert_ids=tuple(expert_ids)))
 
 
 def role(param: torch.Tensor) -> ParamRole:

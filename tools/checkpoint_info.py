@@ -57,7 +57,8 @@ def _describe(path: str, meta: dict, index: _Index, tensors: bool) -> None:
           f"every {moe['layer_freq']} layers")
     if "placement" in meta:  # logical expert -> EP rank
         pl = meta["placement"]
-        print(f"placement      EP {pl['ep_size']}: expert->rank {pl['rank_of']}")
+        for layer, table in sorted(pl.get("layers", {"all": pl}).items(), key=lambda kv: str(kv[0]).zfill(6)):
+            print(f"placement      EP {pl['ep_size']} layer {layer}: expert->rank {table['rank_of']}")
     print(f"files          {len(index.files)} x safetensors, {size / 2**20:.2f} MiB")
     kinds: dict[str, int] = {}
     keys: dict[str, set[str]] = {}

@@ -9,6 +9,8 @@ initialisation and key checkpoints) are the same whichever pipeline stage holds 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -28,6 +30,7 @@ from megamoe.parallel.tensor import (
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: Config, layer: int, stats: MoEStats, tp: TPContext, moe_par: MoEParallel,
                  placement: ExpertPlacement | None = None) -> None:
+        """``placement``: where this layer's experts live (None: contiguous blocks)."""
         super().__init__()
         m, stds = cfg.model, InitStds.for_model(cfg.model)
         self.is_moe = cfg.moe.is_moe_layer(layer)
@@ -79,9 +82,11 @@ class OpenMoEModel(nn.Module):
 
     def __init__(self, cfg: Config, layers: range | None = None, tp: TPContext | None = None,
                  ep: EPTopology | None = None, pre_process: bool = True, post_process: bool = True,
-                 stats: MoEStats | None = None, placement: ExpertPlacement | None = None) -> None:
+                 stats: MoEStats | None = None, placements: Mapping[int, ExpertPlacement] | None = None,
+                 ) -> None:
         super().__init__()
         m = cfg.model
+        placements = placements or {}
         self.cfg, self.tp = cfg, tp or TPContext()
         self.pre_process, self.post_process = pre_process, post_process
         moe_par = MoEParallel(tp=self.tp, ep=ep or EPTopology.single(),
@@ -93,7 +98,8 @@ class OpenMoEModel(nn.Module):
         if pre_process:
             self.embed_tokens = VocabParallelEmbedding(self.vocab_size, m.hidden_size, self.tp,
                                                        stds.embedding, logical_vocab=m.vocab_size)
-        self.layers = LayerStack({str(i): DecoderLayer(cfg, i, self.moe_stats, self.tp, moe_par, placement)
+        self.layers = LayerStack({str(i): DecoderLayer(cfg, i, self.moe_stats, self.tp, moe_par,
+                                                           placements.get(i))
                                   for i in self.layer_range})
         if post_process:
             self.norm = RMSNorm(m.hidden_size, m.norm_epsilon)
@@ -152,11 +158,18 @@ class OpenMoEModel(nn.Module):
 class StageModel(nn.Module):
     """This rank's model chunks (one per virtual pipeline stage), sharing one MoEStats."""
 
-    def __init__(self, chunks: list[OpenMoEModel], placement: ExpertPlacement | None = None) -> None:
+    def __init__(self, chunks: list[OpenMoEModel]) -> None:
         super().__init__()
         self.chunks = nn.ModuleList(chunks)
         self.moe_stats = chunks[0].moe_stats
-        self.placement = placement  # the expert placement every MoE layer was built with (checkpointed)
+
+    def moe_layers(self) -> dict[int, MoELayer]:
+        """This stage's MoE layers by global layer index."""
+        return {module.layer: module for module in self.modules() if isinstance(module, MoELayer)}
+
+    def placements(self) -> dict[int, ExpertPlacement]:
+        """Where each of this stage's MoE layers keeps its experts now (the rebalancer moves them)."""
+        return {layer: moe.placement for layer, moe in sorted(self.moe_layers().items())}
 
     def init_weights(self, seed: int) -> None:
         for chunk in self.chunks:

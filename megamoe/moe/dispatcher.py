@@ -61,6 +61,19 @@ class ExpertPlacement:
         slots = [rank_of[:e].count(rank) for e, rank in enumerate(rank_of)]  # earlier experts on its rank
         return ExpertPlacement(rank_of=tuple(rank_of), slot_of=tuple(slots), ep_size=ep_size)
 
+    def moved_to(self, rank_of: Sequence[int]) -> ExpertPlacement:
+        """The table with each expert e on EP rank ``rank_of[e]``: an expert that stays on its rank
+        keeps its slot (nothing to move), arrivals take the freed slots in expert order."""
+        target = ExpertPlacement.from_ranks(list(rank_of), self.ep_size)  # validates the counts
+        slot_of = list(self.slot_of)
+        for rank in range(self.ep_size):
+            stayers = [e for e in range(self.num_experts) if rank_of[e] == rank == self.rank_of[e]]
+            free = sorted(set(range(self.num_local_experts)) - {self.slot_of[e] for e in stayers})
+            arrivals = [e for e in range(self.num_experts) if rank_of[e] == rank != self.rank_of[e]]
+            for e, slot in zip(arrivals, free):
+                slot_of[e] = slot
+        return ExpertPlacement(rank_of=target.rank_of, slot_of=tuple(slot_of), ep_size=self.ep_size)
+
     @property
     def num_experts(self) -> int:
         return len(self.rank_of)

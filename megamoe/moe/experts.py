@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from megamoe.ops import gated_mul
-from megamoe.params import expert
+from megamoe.params import expert, relabel_experts
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -122,6 +122,11 @@ class GroupedExperts(nn.Module):
         self.wi_gate = expert(nn.Parameter(torch.empty(n, hidden, 2 * ffn)), std=std, **init)
         self.wi_up = expert(nn.Parameter(torch.empty(n, hidden, ffn)), std=std, **init)
         self.wo = expert(nn.Parameter(torch.empty(n, ffn, hidden)), std=out_std, **init)
+
+    def relabel(self, expert_ids: list[int]) -> None:
+        """The slots now hold these logical experts (their weights were moved in by the rebalancer)."""
+        for param in self.parameters(recurse=False):
+            relabel_experts(param, expert_ids)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None = None,
                 ) -> torch.Tensor:

@@ -144,6 +144,13 @@ class MoELayer(nn.Module):
                                       out_std, grouped=moe.grouped_gemm, truncated=truncated_init)
         self.dispatcher = TokenDispatcher(self.placement, self.par, stats)
 
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """Route through ``placement`` from now on. The caller has already moved the expert weights
+        (and their optimizer state) into the slots it names: see megamoe/training/rebalance.py."""
+        self.placement = placement
+        self.dispatcher.placement = placement
+        self.experts.relabel(placement.local_experts(self.topo.index))
+
     def capacity(self, tokens: int) -> int | None:
         cf = self.cfg.capacity_factor
         if not self.training and self.cfg.eval_capacity_factor is not None:

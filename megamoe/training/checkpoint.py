@@ -140,12 +140,13 @@ def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimiz
     check_finite(list(model.named_parameters()), f"not saving iteration {state.iteration} to {directory}",
                  "the previous checkpoint is intact")  # before any collective: every rank or none
     step = optimizer.adam_step()
+    placements = _all_placements(model, mesh)  # a collective over PP: every rank, before any write
     failure = None
     try:  # a write error (a full disk) must not leave the peers waiting: agree on success first
         write_rank_file(os.path.join(tmp, f"rank_{rank:05d}.safetensors"), model, optimizer, mesh)
         if rank == 0:
             _atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(
-                _meta(state, step, model, cfg, mesh), indent=1))
+                _meta(state, step, placements, cfg, mesh), indent=1))
     except OSError as e:
         failure = e
     failed_rank = _first_failed_rank(failure is not None, rank, world)
@@ -162,15 +163,26 @@ def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimiz
     return final
 
 
-def _meta(state: TrainState, step: float, model: nn.Module, cfg: Config, mesh: ParallelMesh) -> dict:
+def _meta(state: TrainState, step: float, placements: dict[int, ExpertPlacement], cfg: Config,
+          mesh: ParallelMesh) -> dict:
     meta = {"format": FORMAT_VERSION, "iteration": state.iteration,
             "consumed_samples": state.consumed_samples, "adam_step": step, "world_size": mesh.world_size,
             "layout": mesh.describe(), "files": mesh.world_size, "config": dataclasses.asdict(cfg)}
-    placement = getattr(model, "placement", None)
-    if placement is not None:  # where each logical expert lived, for a resume at the same EP size
-        meta["placement"] = {"ep_size": placement.ep_size, "rank_of": list(placement.rank_of),
-                             "slot_of": list(placement.slot_of)}
+    if placements:  # where each logical expert lived, per MoE layer, for a resume at the same EP size
+        meta["placement"] = {"ep_size": mesh.ep, "layers": {
+            str(layer): {"rank_of": list(p.rank_of), "slot_of": list(p.slot_of)}
+            for layer, p in sorted(placements.items())}}
     return meta
+
+
+def _all_placements(model: nn.Module, mesh: ParallelMesh) -> dict[int, ExpertPlacement]:
+    """Every MoE layer's placement (the rebalancer moves each stage's own), gathered over PP."""
+    local = model.placements() if hasattr(model, "placements") else {}
+    if mesh.pp == 1:
+        return dict(local)
+    every: list[dict[int, ExpertPlacement]] = [{} for _ in range(mesh.pp)]
+    dist.all_gather_object(every, dict(local), group=mesh.groups["pp"])
+    return {layer: p for stage in every for layer, p in stage.items()}
 
 
 def _first_failed_rank(failed: bool, rank: int, world: int) -> int | None:
@@ -305,15 +317,28 @@ def check_save_directory(save: str | None, resumed_from_save: bool, allow_existi
     return other_runs
 
 
-def saved_placement(directory: str, ep_size: int) -> ExpertPlacement | None:
-    """The expert placement the checkpoint in ``directory`` was trained with, if it was saved under
-    the same EP size (under another EP size the default placement is used: pieces are keyed by
-    logical expert, so any placement loads)."""
+def saved_placement(directory: str, ep_size: int) -> dict[int, ExpertPlacement] | None:
+    """The expert placement of every MoE layer (by global index) the checkpoint in ``directory`` was
+    trained with, if it was saved under the same EP size (under another EP size the default placement
+    is used: pieces are keyed by logical expert, so any placement loads)."""
     path = resolve_checkpoint(directory)
-    saved = read_meta(path).get("placement") if path is not None else None
+    if path is None:
+        return None
+    meta = read_meta(path)
+    saved = meta.get("placement")
     if not saved or saved["ep_size"] != ep_size:
         return None
-    return ExpertPlacement(rank_of=tuple(saved["rank_of"]), slot_of=tuple(saved["slot_of"]), ep_size=ep_size)
+    return {layer: ExpertPlacement(rank_of=tuple(table["rank_of"]), slot_of=tuple(table["slot_of"]),
+                                   ep_size=ep_size)
+            for layer, table in _placement_tables(saved, meta["config"]["model"]["num_layers"]).items()}
+
+
+def _placement_tables(saved: dict[str, Any], num_layers: int) -> dict[int, dict[str, Any]]:
+    """{layer: {"rank_of", "slot_of"}} from meta.json's placement: per layer, or (format of earlier
+    versions, before the rebalancer) one table for every layer."""
+    if "layers" in saved:
+        return {int(layer): table for layer, table in saved["layers"].items()}
+    return {layer: saved for layer in range(num_layers)}
 
 
 def read_meta(path: str) -> dict[str, Any]:
@@ -336,26 +361,39 @@ def read_meta(path: str) -> dict[str, Any]:
     config = meta.get("config")
     if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("model", "moe")):
         raise CheckpointError(f"checkpoint {path}/meta.json has no model config")
-    _check_placement(meta.get("placement"), config["moe"].get("num_experts"), path)
+    _check_placement(meta.get("placement"), config, path)
     return meta
 
 
-def _check_placement(saved: Any, num_experts: Any, path: str) -> None:
-    """A saved expert placement must be a table over every logical expert."""
+def _check_placement(saved: Any, config: dict[str, Any], path: str) -> None:
+    """A saved expert placement must be, for each layer, a table over every logical expert that gives
+    each EP rank its share of experts in distinct slots."""
     if saved is None:
         return
+    num_experts, num_layers = config["moe"].get("num_experts"), config["model"].get("num_layers")
     ok = isinstance(saved, dict) and isinstance(saved.get("ep_size"), int) and saved["ep_size"] > 0
-    rank_of, slot_of = (saved.get("rank_of"), saved.get("slot_of")) if ok else (None, None)
-    ok = ok and isinstance(rank_of, list) and isinstance(slot_of, list)
-    ok = ok and len(rank_of) == len(slot_of) == num_experts
-    if ok:
-        try:
-            ExpertPlacement.from_ranks(list(rank_of), saved["ep_size"])
-        except (ValueError, TypeError):
-            ok = False
+    ok = ok and isinstance(num_layers, int) and isinstance(saved.get("layers", {}), dict)
+    try:
+        tables = _placement_tables(saved, num_layers) if ok else {}
+        ok = ok and all(_is_table(table, num_experts, saved["ep_size"]) for table in tables.values())
+    except (ValueError, TypeError, AttributeError):
+        ok = False
     if not ok:
         raise CheckpointError(f"checkpoint {path}/meta.json has an expert placement that is not a table "
                               f"of {num_experts} experts over its EP ranks; remove it or save again")
+
+
+def _is_table(table: Any, num_experts: Any, ep_size: int) -> bool:
+    if not isinstance(table, dict):
+        return False
+    rank_of, slot_of = table.get("rank_of"), table.get("slot_of")
+    if not (isinstance(rank_of, list) and isinstance(slot_of, list)
+            and len(rank_of) == len(slot_of) == num_experts):
+        return False
+    ExpertPlacement.from_ranks(list(rank_of), ep_size)  # each rank its share (ValueError otherwise)
+    per_rank = num_experts // ep_size
+    return all(sorted(slot_of[e] for e in range(num_experts) if rank_of[e] == rank) == list(range(per_rank))
+               for rank in range(ep_size))
 
 
 class _Index:

@@ -37,6 +37,9 @@ from megamoe.training.loop import Trainer, TrainingError
 from megamoe.training.metrics import MetricsLogger, measure_peak_tflops
 from megamoe.training.recompute import apply_recompute
 
+# one table for every MoE layer, or one per global layer index; None: contiguous blocks
+PlacementArg = ExpertPlacement | dict[int, ExpertPlacement] | None
+
 
 def build_datasets(cfg: Config, mesh: ParallelMesh,
                    ) -> tuple[Config, SampleDataset, SampleDataset | None]:
@@ -71,27 +74,28 @@ def build_datasets(cfg: Config, mesh: ParallelMesh,
     return cfg, train, valid
 
 
-def build_stage_model(cfg: Config, mesh: ParallelMesh, placement: ExpertPlacement | None = None,
-                      ) -> StageModel:
+def build_stage_model(cfg: Config, mesh: ParallelMesh, placement: PlacementArg = None) -> StageModel:
     """This rank's model chunks: virtual stage v = chunk * PP + pp_rank holds the v-th layer range;
-    the first virtual stage owns the embedding, the last the final norm and LM head."""
+    the first virtual stage owns the embedding, the last the final norm and LM head. ``placement``:
+    one table for every MoE layer, or one per global layer index (a checkpoint's); None: contiguous."""
     p = cfg.parallel
     vp = p.virtual_stages(cfg.model.num_layers)
     ranges = stage_layer_ranges(cfg.model.num_layers, mesh.pp, vp, p.decoder_first_pipeline_num_layers,
                                 p.decoder_last_pipeline_num_layers)
     tp, ep = TPContext.from_mesh(mesh), EPTopology.from_mesh(mesh, p.moe_hierarchical_alltoall)
-    placement = placement or ExpertPlacement.contiguous(cfg.moe.num_experts, mesh.ep)
+    if isinstance(placement, ExpertPlacement):
+        placement = {layer: placement for layer in range(cfg.model.num_layers)}
     stats = MoEStats()
     chunks = []
     for c in range(vp):
         v = c * mesh.pp + mesh.pp_rank
         chunks.append(OpenMoEModel(cfg, ranges[v], tp, ep, pre_process=v == 0,
-                                   post_process=v == len(ranges) - 1, stats=stats, placement=placement))
-    return StageModel(chunks, placement)
+                                   post_process=v == len(ranges) - 1, stats=stats, placements=placement))
+    return StageModel(chunks)
 
 
 def build_model(cfg: Config, mesh: ParallelMesh, device: torch.device,
-                placement: ExpertPlacement | None = None) -> StageModel:
+                placement: PlacementArg = None) -> StageModel:
     """This rank's model, initialised, on ``device``, in its compute dtype (bf16 with --bf16, the
     router gate excepted), with activation recomputation applied as the flags ask."""
     model = build_stage_model(cfg, mesh, placement)
@@ -104,7 +108,7 @@ def build_model(cfg: Config, mesh: ParallelMesh, device: torch.device,
 
 
 def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None,
-             placement: ExpertPlacement | None = None) -> list[dict[str, Any]]:
+             placement: PlacementArg = None) -> list[dict[str, Any]]:
     """Train as configured inside an existing mesh; returns the per-iteration records."""
     device = device or torch.device("cpu")
     cfg, train_data, valid_data = build_datasets(cfg, mesh)

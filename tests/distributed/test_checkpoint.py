@@ -73,12 +73,12 @@ def test_resume_restores_the_saved_expert_placement(tmp_path, monkeypatch):
     swapped = ExpertPlacement.from_ranks([1, 0, 1, 0, 1, 0, 1, 0], 2)
     full = train_losses(2, common + ["--train-iters", "6"], placement=swapped)
     train_losses(2, common + ["--train-iters", "3", "--save", str(tmp_path)], placement=swapped)
-    assert checkpoint.saved_placement(str(tmp_path), 2) == swapped
+    assert checkpoint.saved_placement(str(tmp_path), 2) == {1: swapped, 3: swapped}  # the MoE layers
     assert checkpoint.saved_placement(str(tmp_path), 4) is None  # another EP size: default placement
     built = run.build_stage_model
 
     def must_be_swapped(cfg, mesh, placement=None):  # runs inside the forked ranks
-        assert placement == swapped, placement
+        assert placement == {1: swapped, 3: swapped}, placement
         return built(cfg, mesh, placement)
 
     monkeypatch.setattr(run, "build_stage_model", must_be_swapped)

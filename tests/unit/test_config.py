@@ -146,7 +146,8 @@ OLD_TINY_CONFIG = {  # parse_args(TINY)
     "parallel": dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                      expert_model_parallel_size=1, expert_tensor_parallel_size=1, sequence_parallel=False,
                      moe_hierarchical_alltoall=False, moe_alltoall_chunks=1, moe_tp_dedup=True,
-                     moe_ranks_per_node=0, num_layers_per_virtual_pipeline_stage=None,
+                     moe_ranks_per_node=0, moe_rebalance_interval=0,
+                     moe_rebalance_window=100, moe_rebalance_min_gain=0.05, num_layers_per_virtual_pipeline_stage=None,
                      decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
                      distributed_backend=None, distributed_timeout_minutes=10.0),
     "train": dict(micro_batch_size=1, global_batch_size=8, train_iters=100, lr=0.0003, min_lr=0.0,
@@ -191,7 +192,8 @@ EVERY_FLAG = """
 # --init-method t5x, and all of them --output-z-loss-coeff 1e-4.
 NEW_FLAGS = {"--init-method", "--output-z-loss-coeff", "--moe-router-group-size",
              "--no-moe-router-loss-average", "--allow-existing-save-dir", "--allow-nonfinite-load",
-             "--max-consecutive-skipped-steps"}
+             "--max-consecutive-skipped-steps", "--moe-rebalance-interval",
+             "--moe-rebalance-window", "--moe-rebalance-min-gain"}
 
 # argv -> the fields that differ from OLD_TINY_CONFIG, as the hand-written parser produced them (plus
 # init_method, which is new).
