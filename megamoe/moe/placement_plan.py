@@ -459,6 +459,10 @@ def _swap_positions(members: np.ndarray, rank_of: np.ndarray, slot_of: np.ndarra
 
 # ColossalAI's penalty for swapping a slot index that an earlier swap of the same rank touched.
 _REPEAT_SLOT_PENALTY = 1e5
+# ColossalAI keeps swaps whose gain is > 0 on sums recomputed from the swapped lists; the gain here comes
+# from shifted means, where a swap that changes nothing (one expert per rank) can show ~1e-16 of
+# rounding. Loads are normalised to [0, 1], so an absolute floor separates rounding from real gains.
+_MIN_GAIN = 1e-12
 
 
 @dataclass
@@ -518,7 +522,7 @@ def _expand(state: _BeamState, beam_width: int, average: float, group_swap_facto
                      + np.abs(means[None, None, :, None] + shift - average))
     gain = deviation[:, None, None, None] + deviation[None, None, :, None] - new_deviation
     ordered_pair = (np.arange(ep_size)[:, None] < np.arange(ep_size)[None, :])[:, None, :, None]
-    candidates = np.flatnonzero((gain > 0) & ordered_pair)
+    candidates = np.flatnonzero((gain > _MIN_GAIN) & ordered_pair)
     if len(candidates) == 0:
         return []
     penalty = state.penalty[:, :, None, None] + state.penalty[None, None, :, :]
