@@ -141,6 +141,7 @@ class ParallelMesh:
             "ep": along(expert, 2), "edp": along(expert, 1), "etp": along(expert, 3),
             # model-parallel (TP x PP) and the dense DP x TP block used for grad-norm reductions
             "mp": [g.reshape(-1).tolist() for g in np.moveaxis(dense, 1, 0)],
+            "stage": [g.reshape(-1).tolist() for g in dense],  # every rank of one pipeline stage
             **self._ep_node_grids(along(expert, 2)),
         }
 

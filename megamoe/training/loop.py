@@ -37,6 +37,7 @@ from megamoe.parallel.schedules import (
 from megamoe.training.checkpoint import TrainState, save_checkpoint
 from megamoe.training.lr import learning_rate
 from megamoe.training.metrics import MetricsLogger, model_flops_per_token
+from megamoe.training.rebalance import ExpertRebalancer
 
 
 class TrainingError(RuntimeError):
@@ -59,6 +60,12 @@ class Trainer:
     replace_saved: bool = True  # False: --save holds another run's iterations, never replace one
     _skipped_in_a_row: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    rebalancer: ExpertRebalancer | None = None  # expert loads (logged) and --moe-rebalance-interval
+
+    def __post_init__(self) -> None:
+        m = self.cfg.model
+        if any(self.cfg.moe.is_moe_layer(layer) for layer in range(m.num_layers)):  # on every stage:
+            self.rebalancer = ExpertRebalancer(self.cfg, self.model, self.optimizer, self.mesh)  # collectives
 
     @property
     def num_micro_batches(self) -> int:
@@ -140,6 +147,8 @@ class Trainer:
         if not skipped:
             self.optimizer.step(lr, grad_norm)
         self.optimizer.zero_grad()
+        if self.rebalancer is not None:
+            self.rebalancer.load.observe(model.moe_stats)
         self.state = TrainState(iteration, self.state.consumed_samples + cfg.train.global_batch_size)
         lm, aux, z, imbalance, output_z = self._global_losses(sum(ctx.losses), n_mb)  # ctx.losses: one read
         step_time = time.perf_counter() - t0
@@ -156,6 +165,11 @@ class Trainer:
             # (on CUDA timed with events on the compute stream: host time means nothing there)
             idle = self._sum_over("pp", [ctx.idle_fraction()], self.mesh.pp)[0] / self.mesh.pp
             rec.update(pp_idle_frac=idle, pp_max_in_flight=ctx.max_in_flight)
+        if self.rebalancer is not None:  # outside step_time: a rebalance reports its own seconds
+            if self.rebalancer.due(iteration):
+                rec.update(self.rebalancer.rebalance())
+            if iteration % cfg.train.log_interval == 0:
+                rec.update(self.rebalancer.load_record(cfg.train.log_interval))
         return rec
 
     @torch.no_grad()
