@@ -8,9 +8,9 @@ Layers: synthetic Zipf loads (expert weights 1 / rank^s, shuffled over the exper
 multinomially), "perfect" layers built to have a placement with max / mean exactly 1.0 (the bound is
 achievable there), and with --trace every MoE layer of every metrics line carrying "moe_expert_load".
 Each row: max / mean before, the issue's lower bound max(1, max expert / mean rank load), the slot-aware
-bound (placement_plan.slot_lower_bound: every rank also holds E/EP - 1 other experts), per planner the
-mean and worst max / mean over seeds, the worst ratio to the slot-aware bound (<= 1.05: within 5% of the
-optimum), mean experts moved and the median planning time per layer.
+bound (placement_plan.slot_lower_bound: every rank also holds E/EP - 1 other experts; the optimum itself
+when E/EP <= 2), per planner the mean and worst max / mean over seeds, the worst ratio to the slot-aware
+bound (<= 1.05: within 5% of the optimum), mean experts moved and the median planning time per layer.
 """
 
 from __future__ import annotations

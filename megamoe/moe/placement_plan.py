@@ -116,7 +116,8 @@ def slot_lower_bound(loads: Sequence[float], ep_size: int) -> float:
     """A tighter bound on max / mean that knows every rank holds E / EP experts: some rank holds m of
     the (m-1)*EP + 1 largest experts (pigeonhole), so its load is at least the m smallest of those plus
     the E/EP - m smallest experts overall; the best m gives the bound. m = 1 is the hottest expert and
-    the E/EP - 1 coldest. Never below ``lower_bound``."""
+    the E/EP - 1 coldest. With two experts per rank it is the optimum: pairing the k-th hottest with
+    the k-th coldest minimises the largest pair (exchange argument). Never below ``lower_bound``."""
     total = float(sum(loads))
     if total <= 0:
         return 1.0
@@ -132,6 +133,8 @@ def slot_lower_bound(loads: Sequence[float], ep_size: int) -> float:
         forced = sum(descending[top_count - together:top_count])
         coldest = suffix[len(descending) - (per_rank - together)]
         best = max(best, forced + coldest)
+    if per_rank == 2:
+        best = max(best, max(descending[k] + descending[-1 - k] for k in range(ep_size)))
     return max(1.0, best * ep_size / total)
 
 

@@ -198,6 +198,14 @@ def test_measures():
     assert max_over_mean([0, 0], [0, 1], 2) == 1.0
     assert lower_bound([1, 1, 1, 5], 2) == 5 / 4
     assert lower_bound([1, 1, 1, 1], 2) == 1.0
+    # two experts per rank: the optimum pairs hottest with coldest, 6+0, 6+3, 6+3, 3+3 -> 9 of mean 7.5,
+    # where the hottest-expert bound says only 6 / 7.5 (so 1.0)
+    loads = [6, 6, 6, 3, 3, 3, 3, 0]
+    assert lower_bound(loads, 4) == 1.0
+    assert slot_lower_bound(loads, 4) == pytest.approx(1.2)
+    assert best_max_load(loads, 4) == 9
+    # four experts per rank: the hottest (9) shares its rank with the three coldest (1 each)
+    assert slot_lower_bound([9] + [1] * 7, 2) == 12 / 8
     assert moves([0, 0, 1, 1], [0, 1, 0, 1]) == [{"expert": 1, "from": 0, "to": 1},
                                                  {"expert": 2, "from": 1, "to": 0}]
 
