@@ -172,9 +172,6 @@ class _Layout:
     mean: float                # mean rank load
     tolerance: float           # absolute load difference treated as equal
 
-    def node_of(self, rank: int | np.ndarray) -> int | np.ndarray:
-        return self.node_of_rank[rank]
-
 
 @dataclass
 class _Plan:
