@@ -39,6 +39,7 @@ class InitSpec:
     ones: bool = False
     truncated: bool = False
     padding_rows: int = 0
+    zeros: bool = False  # state that starts empty (FP8 amax history)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,15 @@ def expert(param: nn.Parameter, *, std: float, expert_ids: list[int], truncated:
     """Stacked weights [E_local, ...] of the logical experts ``expert_ids`` (slot order)."""
     init = InitSpec(std, truncated=truncated)
     return set_role(param, ParamRole("expert", init, expert_ids=tuple(expert_ids)))
+
+
+def expert_state(param: nn.Parameter, *, expert_ids: list[int]) -> nn.Parameter:
+    """Per-expert state that is not trained ([E_local, ...], e.g. the FP8 amax history): zero at
+    start, kept fp32, never optimised (requires_grad False), but keyed by logical expert like the
+    expert weights, so checkpoints, resharding and the rebalancer carry it with its expert."""
+    param.requires_grad_(False)
+    return set_role(param, ParamRole("expert", InitSpec(zeros=True), expert_ids=tuple(expert_ids),
+                                     keep_fp32=True))
 
 
 def relabel_experts(param: nn.Parameter, expert_ids: list[int]) -> None:

@@ -74,8 +74,8 @@ def _draw(name: str, seed: int, shape: tuple[int, ...], std: float, truncated: b
 def init_param(param: torch.Tensor, name: str, seed: int) -> None:
     spec = role(param)
     init = spec.init
-    if init.ones:
-        param.fill_(1.0)
+    if init.ones or init.zeros:
+        param.fill_(1.0 if init.ones else 0.0)
         return
     if spec.expert_ids is not None:
         # [E_local, *expert_shape]: name "...experts.wi_gate" -> "...experts.<gid>.wi_gate".

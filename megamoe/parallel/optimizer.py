@@ -91,6 +91,7 @@ class DistributedOptimizer:
                 bucket_numel=bucket_numel)
             self.buffers.append(buffer_class(layout, divisor, sp_group if name == "dense" else None,
                                              overlap_grad_reduce, grad_reduce_dtype, self.grad_memory))
+        self._managed = {id(p) for p in params}
         self._gathers: dict[int, object] = {}  # id(bucket) -> its all-gather in flight
         self._storage: dict[int, torch.Tensor] = {}  # id(bucket) -> [end - start] its parameters' data
         for buffer in self.buffers:
@@ -259,6 +260,8 @@ class DistributedOptimizer:
     def state_kinds(self, param: nn.Parameter) -> tuple[str, ...]:
         """What a checkpoint keeps of ``param`` besides its weight: the AdamW moments once a step has
         run, and the fp32 master when the parameter is not itself fp32 (the same on every rank)."""
+        if id(param) not in self._managed:  # not trained (e.g. the FP8 amax history): no state
+            return ()
         moments = ("exp_avg", "exp_avg_sq") if self.adam_step() > 0 else ()
         return (("master",) if param.dtype != torch.float32 else ()) + moments
 

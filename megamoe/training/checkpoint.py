@@ -479,8 +479,9 @@ def load_checkpoint(directory: str, model: nn.Module, optimizer: DistributedOpti
             pieces = param_pieces(_global_name(pname), p)
             st: dict[str, torch.Tensor] = {}
             for kind in KINDS:
-                if kind != "weight" and not all(index.has(kind, pc.key) for pc in pieces):
-                    continue
+                if kind != "weight" or role(p).init.zeros:  # zeros: state a run may not have kept
+                    if not all(index.has(kind, pc.key) for pc in pieces):  # (FP8 amax history): empty
+                        continue
                 target = p.data if kind == "weight" else torch.zeros(p.shape, dtype=torch.float32)
                 for pc in pieces:
                     buf = torch.empty(pc.size, dtype=target.dtype)

@@ -137,7 +137,7 @@ class ExpertMigration:
                             src, dst, slot_numel)
                 cuts = (_owner_cuts(buffer, start + src, slot_numel),
                         _owner_cuts(buffer, start + dst, slot_numel))
-                for kind in self.optimizer.state_kinds(param):
+                for kind in self.optimizer.state_kinds(param):  # none for untrained state (FP8 amax history)
                     for lo, hi, src_owner, dst_owner in _segments(*cuts, slot_numel):
                         yield _Item(param, kind, self.peers.rank(move.src_rank, src_owner),
                                     self.peers.rank(move.dst_rank, dst_owner), src + lo, dst + lo, hi - lo)

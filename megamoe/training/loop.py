@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megamoe.config import Config
 from megamoe.data.sampler import SampleDataset, micro_batches
 from megamoe.model.openmoe import StageModel
+from megamoe.moe.fp8 import finish_fp8_step
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.parallel.optimizer import DistributedOptimizer
 from megamoe.parallel.pipeline import P2P
@@ -63,6 +64,8 @@ class Trainer:
     rebalancer: ExpertRebalancer | None = None  # expert loads (logged) and --moe-rebalance-interval
 
     def __post_init__(self) -> None:
+        self._fp8_experts = [module for module in self.model.modules()
+                             if hasattr(module, "fp8_amax_history")]  # delayed-scaling expert modules
         m = self.cfg.model
         if any(self.cfg.moe.is_moe_layer(layer) for layer in range(m.num_layers)):  # on every stage:
             self.rebalancer = ExpertRebalancer(self.cfg, self.model, self.optimizer, self.mesh)  # collectives
@@ -147,6 +150,8 @@ class Trainer:
         if not skipped:
             self.optimizer.step(lr, grad_norm)
         self.optimizer.zero_grad()
+        # FP8 delayed scaling: the step's amaxes join the history (not those of a skipped step)
+        finish_fp8_step(self._fp8_experts, self.mesh.groups.get("edp"), update=not skipped)
         if self.rebalancer is not None:
             self.rebalancer.load.observe(model.moe_stats)
         self.state = TrainState(iteration, self.state.consumed_samples + cfg.train.global_batch_size)

@@ -1,0 +1,209 @@
+"""FP8 expert GEMMs in torch float8 (docs/ARCHITECTURE.md, "FP8 experts").
+
+Every expert projection y = x @ w (x: [N, K] rows grouped by expert, w: [G, K, M]) quantises its
+operands to FP8 and multiplies them with fp32 accumulation, forward (x, w), input gradient (dy, w) and
+weight gradient (x, dy). Scales are powers of two, so dequantising (q / scale) is exact: an fp32 GEMM of
+the dequantised operands is bit for bit what an FP8 kernel with fp32 accumulation computes, up to the
+order of the sums. That is how the GEMM runs off-GPU (CPU here); Transformer Engine runs it on GPUs.
+
+Formats: ``e4m3`` (max 448) for everything, or ``hybrid``: E4M3 for x and w, E5M2 (max 57344) for dy.
+Values beyond the format's range saturate to its max (no inf).
+
+Recipes, and why each keeps the layout-invariance contract or does not:
+  delayed     one scale per (logical expert, projection, operand) from the amax history of EARLIER
+              steps (max or most recent, then 2^-margin). The step's amaxes are a max over every row
+              the expert saw in the step, reduced over the expert-data-parallel replicas once per
+              step (:func:`finish_fp8_step`): a max does not depend on how rows were split into
+              micro-batches or ranks, so every layout uses the same scales. An operand with no
+              history yet (the first step, an expert that never got a token) runs unquantised.
+  tensorwise  current scaling: one scale per expert and operand from the amax of THIS GEMM's rows.
+              Which rows share a GEMM depends on the layout (EP gathers several micro-batches), so
+              tensorwise runs are not layout invariant (as in Megatron and TE); use it for speed only.
+  blockwise   current scaling per 1 x 128 tile of every row of x and dy (along their feature dim)
+              and per 128 x 128 block of w (DeepSeek-V3, TE's Float8BlockScaling): a tile never spans
+              two rows, so scales do not depend on the layout. The weight gradient uses the same
+              row tiles (TE's GPU kernels use 128 x 1 tiles there; this emulation keeps invariance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
+INPUT, WEIGHT, GRAD = 0, 1, 2  # operand index in the [..., 3] scale and amax tables
+BLOCK = 128
+
+
+@dataclass(frozen=True)
+class FP8Recipe:
+    """What the flags ask for (MoEConfig.fp8_*)."""
+
+    format: str = "e4m3"  # "e4m3" | "hybrid"
+    recipe: str = "delayed"  # "delayed" | "tensorwise" | "blockwise"
+    margin: int = 0
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"  # "max" | "most_recent"
+    pad_rows_to: int = 0  # 16 with --moe-router-padding-for-fp8
+
+    @staticmethod
+    def from_config(moe: object) -> FP8Recipe | None:
+        fmt = getattr(moe, "fp8_format", None)
+        if fmt is None:
+            return None
+        return FP8Recipe(format=fmt, recipe=moe.fp8_recipe, margin=moe.fp8_margin,
+                         amax_history_len=moe.fp8_amax_history_len,
+                         amax_compute_algo=moe.fp8_amax_compute_algo,
+                         pad_rows_to=16 if moe.router_padding_for_fp8 else 0)
+
+    def dtype(self, operand: int) -> torch.dtype:
+        return E5M2 if self.format == "hybrid" and operand == GRAD else E4M3
+
+    def fp8_max(self) -> torch.Tensor:
+        """[3] the largest value of each operand's format."""
+        return torch.tensor([FP8_MAX[self.dtype(op)] for op in (INPUT, WEIGHT, GRAD)])
+
+
+# -- quantisation ---------------------------------------------------------------------------------
+
+def pow2_scale(amax: torch.Tensor, fp8_max: float | torch.Tensor, margin: int = 0) -> torch.Tensor:
+    """The largest power of two s with amax * s <= fp8_max, divided by 2^margin; 0 where amax is 0 or
+    not finite (nothing to scale by: the operand is left unquantised)."""
+    ok = (amax > 0) & torch.isfinite(amax)
+    exponent = torch.floor(torch.log2(fp8_max / torch.where(ok, amax, torch.ones_like(amax)))) - margin
+    return torch.where(ok, torch.exp2(exponent.clamp(-126, 126)), torch.zeros_like(amax))
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x rounded through ``dtype`` at ``scale`` (broadcast to x), returned dequantised in fp32:
+    saturating at the format's max; where scale is 0, x unchanged."""
+    m = FP8_MAX[dtype]
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (x.float() * safe).clamp(-m, m).to(dtype).float() / safe  # / 2^k: exact
+    return torch.where(scale > 0, q, x.float())
+
+
+def group_amax(x: torch.Tensor, group_of_row: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """x: [N, K], group_of_row: [N] -> [G] max |x| over each group's rows (0 for an empty group)."""
+    row_amax = x.detach().abs().amax(dim=1) if x.shape[0] else x.new_zeros(0)
+    out = torch.zeros(num_groups, dtype=torch.float32, device=x.device)
+    return out.scatter_reduce(0, group_of_row, row_amax.float(), reduce="amax")
+
+
+def quantize_row_tiles(x: torch.Tensor, dtype: torch.dtype, block: int = BLOCK) -> torch.Tensor:
+    """x: [N, K] with one scale per 1 x block tile of each row (current amax) -> dequantised fp32."""
+    n, k = x.shape
+    tiles = x.float().reshape(n, k // block, block)
+    scale = pow2_scale(tiles.abs().amax(-1, keepdim=True), FP8_MAX[dtype])  # [N, K/block, 1]
+    return quantize(tiles, scale, dtype).reshape(n, k)
+
+
+def quantize_weight_blocks(w: torch.Tensor, dtype: torch.dtype, block: int = BLOCK) -> torch.Tensor:
+    """w: [G, K, M] with one scale per block x block square of each expert -> dequantised fp32."""
+    g, k, m = w.shape
+    blocks = w.float().reshape(g, k // block, block, m // block, block)
+    scale = pow2_scale(blocks.abs().amax(dim=(2, 4), keepdim=True), FP8_MAX[dtype])
+    return quantize(blocks, scale, dtype).reshape(g, k, m)
+
+
+# -- one projection -------------------------------------------------------------------------------
+
+@dataclass
+class ProjectionFP8:
+    """How one expert projection quantises in one call: the rows' groups and, for delayed scaling,
+    this projection's scales [G, 3] and the step's amax accumulator [G, 3] (updated in place)."""
+
+    recipe: FP8Recipe
+    group_of_row: torch.Tensor  # [N] local expert of each row
+    num_groups: int
+    scales: torch.Tensor | None = None  # delayed: [G, 3] per operand
+    step_amax: torch.Tensor | None = None  # delayed, training: [G, 3] max |operand| this step
+
+    def _record(self, operand: int, amax: torch.Tensor) -> None:
+        if self.step_amax is not None:
+            torch.maximum(self.step_amax[:, operand], amax, out=self.step_amax[:, operand])
+
+    def rows(self, x: torch.Tensor, operand: int) -> torch.Tensor:
+        """x or dy: [N, K] -> dequantised fp32 [N, K]."""
+        dtype, r = self.recipe.dtype(operand), self.recipe.recipe
+        if r == "blockwise":
+            return quantize_row_tiles(x, dtype)
+        amax = group_amax(x, self.group_of_row, self.num_groups)  # [G]
+        if r == "delayed":
+            self._record(operand, amax)
+            scale = self.scales[:, operand]
+        else:
+            scale = pow2_scale(amax, FP8_MAX[dtype], self.recipe.margin)
+        return quantize(x, scale[self.group_of_row].unsqueeze(1), dtype)
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        """w: [G, K, M] -> dequantised fp32."""
+        dtype, r = self.recipe.dtype(WEIGHT), self.recipe.recipe
+        if r == "blockwise":
+            return quantize_weight_blocks(w, dtype)
+        amax = w.detach().abs().amax(dim=(1, 2)).float()  # [G]
+        if r == "delayed":
+            self._record(WEIGHT, amax)
+            scale = self.scales[:, WEIGHT]
+        else:
+            scale = pow2_scale(amax, FP8_MAX[dtype], self.recipe.margin)
+        return quantize(w, scale[:, None, None], dtype)
+
+
+class FP8GroupMM(torch.autograd.Function):
+    """forward: y = Q(x) @ Q(w) per group; backward: dx = Q(dy) @ Q(w)^T, dw = Q(x)^T Q(dy) per group.
+
+    ``gemm``: the raw per-group kernels of the row layout (megamoe.moe.experts.GroupGemm). The
+    quantised operands are saved in fp32 (an FP8 kernel would save them in FP8: a quarter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, gemm: object, fp8: ProjectionFP8) -> torch.Tensor:
+        xq, wq = fp8.rows(x, INPUT), fp8.weight(w)
+        ctx.save_for_backward(xq, wq)
+        ctx.gemm, ctx.fp8, ctx.dtypes = gemm, fp8, (x.dtype, w.dtype)
+        return gemm.mm(xq, wq).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        xq, wq = ctx.saved_tensors
+        dyq = ctx.fp8.rows(dy.contiguous(), GRAD)
+        dx = ctx.gemm.mm(dyq, wq.transpose(1, 2)).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        dw = ctx.gemm.wgrad(xq, dyq).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None
+
+
+# -- delayed scaling state ------------------------------------------------------------------------
+
+def scales_from_history(history: torch.Tensor, recipe: FP8Recipe) -> torch.Tensor:
+    """history: [..., 3, L] amaxes (newest first) -> [..., 3] scales (0: no history, unquantised)."""
+    amax = history.amax(-1) if recipe.amax_compute_algo == "max" else history[..., 0]
+    return pow2_scale(amax, recipe.fp8_max().to(history.device), recipe.margin)
+
+
+def push_history(history: torch.Tensor, amax: torch.Tensor) -> None:
+    """history: [..., L] <- amax [...] as the newest entry, the oldest dropped (in place)."""
+    history.copy_(torch.roll(history, 1, dims=-1))
+    history[..., 0] = amax
+
+
+def finish_fp8_step(experts: list, group: dist.ProcessGroup | None, update: bool = True) -> None:
+    """Once per step, on every rank of a stage: the step's amaxes, reduced (max) over the
+    expert-data-parallel replicas, become the newest history entry of every delayed-scaling expert
+    module (``experts``: GroupedExperts with ``fp8_amax_history``); ``update`` False (a skipped step,
+    non-finite gradients) drops them instead. One all-reduce for all modules."""
+    if not experts:
+        return
+    amax = torch.cat([e.fp8_step_amax.reshape(-1) for e in experts])
+    if update and group is not None:
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    offset = 0
+    for e in experts:
+        n = e.fp8_step_amax.numel()
+        if update:
+            push_history(e.fp8_amax_history.data, amax[offset:offset + n].view_as(e.fp8_step_amax))
+        e.fp8_step_amax.zero_()
+        e.fp8_scales = None  # recomputed from the new history at the next forward
+        offset += n
