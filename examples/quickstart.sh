@@ -26,7 +26,8 @@ else
   mkdir -p "$DATA"
   if [ ! -f "$DATA/stdlib_text_document.idx" ]; then
     echo "== 1/3 corpus from the Python standard library"
-    python tools/make_corpus.py --source python-stdlib --output "$DATA/corpus.jsonl" --max-bytes 4000000
+    python tools/make_corpus.py --source python-stdlib --output "$DATA/corpus.jsonl" --max-bytes 4000000 \
+      --overwrite  # a run cut before step 3
     echo "== 2/3 SentencePiece tokenizer (vocab $VOCAB)"
     python tools/train_tokenizer.py --input "$DATA/corpus.jsonl" --json-keys text \
       --vocab-size "$VOCAB" --model-prefix "$DATA/tokenizer" --overwrite  # a run cut before step 3

@@ -1,11 +1,13 @@
 """Build a JSONL text corpus ({"text": ...} per line) from sources available offline.
 
-    python tools/make_corpus.py --source python-stdlib --output corpus.jsonl [--max-bytes N]
+    python tools/make_corpus.py --source python-stdlib --output corpus.jsonl [--max-bytes N] [--overwrite]
 
 ``python-stdlib``: one document per .py file of the running interpreter's standard library (code with
 English docstrings, ~13 MB), in sorted path order so the corpus is the same on every run; test
 directories, site-packages and unreadable or empty files are skipped. ``--max-bytes N`` keeps, in that
 order, each file that still fits in N bytes of UTF-8 text (a quick corpus for tests and the quickstart).
+The output is written aside and renamed into place when complete; an existing one is replaced only
+with ``--overwrite``, and a failed run keeps it as it was.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megamoe.data.errors import DataError  # noqa: E402
+from megamoe.data.indexed_dataset import WriteAside, existing_outputs  # noqa: E402
 
 # Test suites are large, repetitive and full of deliberately odd code; packages are not the stdlib.
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -49,21 +52,27 @@ def stdlib_documents(root: str | None = None) -> Iterator[str]:
             yield text
 
 
-def write_corpus(output: str, max_bytes: int | None = None, root: str | None = None) -> tuple[int, int]:
-    """Write the corpus; returns (documents, UTF-8 bytes of text)."""
+def write_corpus(output: str, max_bytes: int | None = None, root: str | None = None,
+                 overwrite: bool = False) -> tuple[int, int]:
+    """Write the corpus; returns (documents, UTF-8 bytes of text). It is written aside (a hidden
+    temporary beside ``output``) and renamed into place only when complete and synced, so a failed
+    run (a full disk, no document) leaves any previous corpus as it was and no temporary behind; an
+    existing ``output`` is replaced only with ``overwrite``."""
+    existing_outputs([output], overwrite)  # before reading the library
     docs = nbytes = 0
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output + ".tmp", "w", encoding="utf-8") as out:
-        for text in stdlib_documents(root):
-            size = len(text.encode("utf-8"))
-            if max_bytes is not None and nbytes + size > max_bytes:
-                continue  # skip a file too big for what is left, so smaller ones fill the budget
-            out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-            docs, nbytes = docs + 1, nbytes + size
-    if docs == 0:
-        os.remove(output + ".tmp")
-        raise DataError(f"{output}: no document fits in --max-bytes {max_bytes}; raise --max-bytes")
-    os.replace(output + ".tmp", output)  # a finished corpus or none: never a half-written one
+    with WriteAside() as aside:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)  # before any temporary
+        tmp = aside.path(output)
+        with open(tmp, "w", encoding="utf-8") as out:
+            for text in stdlib_documents(root):
+                size = len(text.encode("utf-8"))
+                if max_bytes is not None and nbytes + size > max_bytes:
+                    continue  # skip a file too big for what is left, so smaller ones fill the budget
+                out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                docs, nbytes = docs + 1, nbytes + size
+        if docs == 0:
+            raise DataError(f"{output}: no document fits in --max-bytes {max_bytes}; raise --max-bytes")
+        aside.commit()
     return docs, nbytes
 
 
@@ -72,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", required=True, choices=["python-stdlib"])
     p.add_argument("--output", required=True, help="JSONL file to write")
     p.add_argument("--max-bytes", type=int, default=None, help="stop before the text passes N bytes")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (only once the new one is complete)")
     args = p.parse_args(argv)
     try:
-        docs, nbytes = write_corpus(args.output, args.max_bytes)
+        docs, nbytes = write_corpus(args.output, args.max_bytes, overwrite=args.overwrite)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -98,6 +98,36 @@ def test_make_corpus_deterministic_and_bounded(corpus, tmp_path):
     assert 250_000 < sum(len(t.encode()) for t in texts) <= 300_000
 
 
+def test_make_corpus_refuses_overwrite_and_survives_failure(corpus, tmp_path, capsys, monkeypatch):
+    """An existing corpus is replaced only with --overwrite, and only by a complete one: a full disk
+    mid-write or at the sync, or a budget no document fits, keeps it byte for byte, no temporary left."""
+    out = tmp_path / "c.jsonl"
+    tool("make_corpus.py", "--source", "python-stdlib", "--output", out, "--max-bytes", 20000)
+    before = snapshot(tmp_path)
+    args = ["--source", "python-stdlib", "--output", out, "--max-bytes", 40000]
+    err = one_line_error(tool("make_corpus.py", *args, ok=False))
+    assert f"{out}: already exists; pass --overwrite to replace it" in err
+    assert snapshot(tmp_path) == before
+    dumps, full = json.dumps, disk_full(after=3)
+    # the disk fills after 3 documents, or when the complete file is flushed before the rename
+    for name, fail, stand_in in ((json, "dumps", lambda *a, **k: full() or dumps(*a, **k)),
+                                 (os, "fsync", disk_full())):
+        with monkeypatch.context() as m:
+            m.setattr(name, fail, stand_in)
+            err = in_process_error(capsys, "make_corpus.py", *args, "--overwrite")
+        assert f"{out}: No space left on device; nothing was replaced" in err
+        assert snapshot(tmp_path) == before
+    err = in_process_error(capsys, "make_corpus.py", "--source", "python-stdlib", "--output", out,
+                           "--max-bytes", 1, "--overwrite")
+    assert "no document fits in --max-bytes 1" in err and snapshot(tmp_path) == before
+    err = one_line_error(tool("make_corpus.py", *args[:3], out / "under_a_file.jsonl", ok=False))
+    assert f"{out}: File exists" in err and snapshot(tmp_path) == before
+    tool("make_corpus.py", *args, "--overwrite")
+    tool("make_corpus.py", *args[:3], tmp_path / "fresh.jsonl", *args[4:])
+    assert out.read_bytes() == (tmp_path / "fresh.jsonl").read_bytes() != before["c.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "fresh.jsonl"]
+
+
 def test_tokenizer(corpus):
     tok = build_tokenizer("SentencePieceTokenizer", str(corpus / "tok.model"))
     assert tok.vocab_size == 512 and tok.eod == 2
