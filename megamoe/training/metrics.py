@@ -1,9 +1,29 @@
 """Throughput arithmetic and the loggers: console (Megatron-style line), JSONL metrics file, wandb
 (offline unless WANDB_API_KEY is set) and tensorboard. Only the last pipeline stage's DP rank 0
-(``enabled=True``) writes."""
+(``enabled=True``) writes.
+
+The metrics file (``--metrics-file``) is an append-only log, one JSON record per line. A crash or a
+full disk never leaves a broken file where a good one was:
+
+- Each record is one complete line handed to the kernel in one ``write()`` (the file is unbuffered),
+  so a killed process leaves whole records behind.
+- A write that fails (a full disk; a short write counts as failed) is cut off again with a truncate
+  back to the size before it, which needs no free space. The run then says so once and stops writing
+  the file; training, checkpoints and the console go on.
+- Opening an existing file (a resumed run) first drops an incomplete last line, the one thing a power
+  loss or an older writer can leave, with one truncate after the last newline. Truncating in place
+  is used instead of writing the good part aside and renaming it: it needs no free space (a repair
+  is most likely right after the disk filled), it either happens or does not, and it keeps the inode
+  that a ``tail -f`` follows.
+- A resumed run appends after what is there. If the interrupted run got past its last checkpoint,
+  those iterations appear twice, the interrupted run's records first, so a reader takes the last
+  record of each iteration (``tools/loss_compare.py`` does). Nothing is deleted: a metrics file
+  shared by mistake with another run keeps that run's records.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -15,7 +35,7 @@ from typing import Any
 
 import torch
 
-from megamoe.config import Config
+from megamoe.config import Config, ConfigError
 from megamoe.model.openmoe import count_parameters
 
 
@@ -143,8 +163,7 @@ class MetricsLogger:
             return
         t = cfg.train
         if t.metrics_file:
-            os.makedirs(os.path.dirname(os.path.abspath(t.metrics_file)), exist_ok=True)
-            self._file = open(t.metrics_file, "a")
+            self._file = _open_metrics_file(t.metrics_file)
         if t.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -158,14 +177,23 @@ class MetricsLogger:
                                      config=_flat_config(cfg))
 
     def _write_record(self, record: dict[str, Any]) -> None:
-        """One JSON line. A failed write (a full disk) must not kill hours of training: say so once and
-        stop writing the file; training, checkpoints and the console go on."""
+        """One JSON line in one write. A failed write (a full disk) must not kill hours of training,
+        nor leave half a record: cut the file back to where it was, say so once and stop writing it."""
         if self._file is None:
             return
+        line = (json.dumps(record) + "\n").encode()
+        end = None
         try:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            end = self._file.tell()  # the end of the file: only this process appends to it
+            written = self._file.write(line)
+            if written is not None and written < len(line):  # the disk filled mid-record
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError as e:
+            if end is not None:
+                try:
+                    self._file.truncate(end)
+                except (OSError, ValueError):
+                    pass  # the next open drops the incomplete line
             print(f" > WARNING: --metrics-file {self.cfg.train.metrics_file}: write failed "
                   f"({e.strerror or e}); no more metrics go there, training goes on", flush=True)
             self._file = None
@@ -210,6 +238,47 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def drop_incomplete_last_line(path: str) -> int:
+    """Cut whatever follows the last newline of ``path`` (a record that a crash cut short) with one
+    truncate; returns the bytes dropped (0 when the file ends with a whole line or does not exist)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return 0
+    try:
+        size = end = os.fstat(fd).st_size
+        keep = 0
+        while end > 0:  # read backwards from the end until a newline
+            start = max(0, end - (64 << 10))
+            chunk = os.pread(fd, end - start, start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
+        if keep < size:
+            os.ftruncate(fd, keep)
+        return size - keep
+    finally:
+        os.close(fd)
+
+
+def _open_metrics_file(path: str) -> Any:
+    """The metrics file opened for appending, unbuffered (one write() per record), after dropping an
+    incomplete last line; an unusable path is a one-line ConfigError before step 1."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        dropped = drop_incomplete_last_line(path)
+        handle = open(path, "ab", buffering=0)
+    except OSError as e:
+        raise ConfigError(f"--metrics-file {path}: cannot write it ({e.strerror or e}); pass a writable "
+                          "path") from None
+    if dropped:
+        print(f" > note: --metrics-file {path}: dropped an incomplete last record ({dropped} bytes) left by "
+              "an interrupted run", flush=True)
+    return handle
 
 
 def format_line(rec: dict[str, Any], train_iters: int) -> str:

@@ -1,6 +1,11 @@
-"""MFU arithmetic: the causal attention FLOP count and the per-device peak (issue 20 item 7)."""
+"""MFU arithmetic: the causal attention FLOP count and the per-device peak (issue 20 item 7); the
+metrics file survives a full disk and a crash (issue 17)."""
 
 from __future__ import annotations
+
+import errno
+import json
+import os
 
 import pytest
 import torch
@@ -9,7 +14,7 @@ from megamoe.arguments import parse_args
 from megamoe.model.openmoe import count_parameters
 from megamoe.training import metrics
 from megamoe.training.metrics import known_peak, measure_peak_tflops, model_flops_per_token
-from tests.harness import TINY_ARGS
+from tests.harness import TINY_ARGS, train_losses
 
 
 def test_attention_flops_count_the_causal_half():
@@ -63,3 +68,102 @@ def test_unknown_gpu_is_measured_and_says_so(monkeypatch):
 
 def test_cpu_peak_is_measured():
     assert measure_peak_tflops(torch.device("cpu"), torch.float32, n=64, reps=3) > 0
+
+
+# The metrics file (issue 17): whole lines only, a failed write leaves none half-written, a reopened
+# file loses an incomplete last line, and a resumed run appends (readers take the last record).
+
+def _logger(path) -> metrics.MetricsLogger:
+    return metrics.MetricsLogger(parse_args(TINY_ARGS + ["--metrics-file", str(path)]), enabled=True)
+
+
+def _lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class _FullDisk:
+    """The metrics file on a disk that fills during the next write: a short write, or a partial
+    write that then fails."""
+
+    def __init__(self, file, how: str) -> None:
+        self.file, self.how = file, how
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def write(self, data: bytes) -> int:
+        if self.how == "short":
+            return self.file.write(data[:len(data) // 2])
+        self.file.write(data[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def truncate(self, size: int) -> int:
+        return self.file.truncate(size)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@pytest.mark.parametrize("how", ["short", "raises"])
+def test_a_full_disk_leaves_no_half_record(tmp_path, capsys, how):
+    path = tmp_path / "m.jsonl"
+    log = _logger(path)
+    log.log_eval(1, 2.5)
+    log._file = _FullDisk(log._file, how)
+    log.log_eval(2, 2.4)
+    log.log_eval(3, 2.3)  # no more writes once one failed
+    log.close()
+    assert _lines(path) == [{"iteration": 1, "eval_lm_loss": 2.5}]  # whole lines only
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "--metrics-file" in line]
+    assert len(warnings) == 1 and "write failed (No space left on device)" in warnings[0]
+
+
+def test_reopening_drops_an_incomplete_last_line_in_place(tmp_path, capsys):
+    path = tmp_path / "m.jsonl"
+    good = '{"iteration": 1, "lm_loss": 7.0}\n{"iteration": 2, "lm_loss": 6.5}\n'
+    path.write_text(good + '{"iteration": 3, "lm_lo')  # a crash (a power loss) mid-record
+    inode = path.stat().st_ino
+    log = _logger(path)
+    assert path.read_text() == good and path.stat().st_ino == inode  # cut in place: tail -f follows
+    assert "dropped an incomplete last record (23 bytes)" in capsys.readouterr().out
+    log.log_eval(3, 6.0)
+    log.close()
+    assert [r["iteration"] for r in _lines(path)] == [1, 2, 3]
+    _logger(path).close()  # a file that ends with a whole line is left as it is, without a word
+    assert [r["iteration"] for r in _lines(path)] == [1, 2, 3] and "dropped" not in capsys.readouterr().out
+    path.write_bytes(good.encode() + b'{"text": "' + b"x" * 200_000)  # longer than one read back
+    _logger(path).close()
+    assert path.read_text() == good
+    path.write_text('{"iteration": 1, "lm"')  # nothing whole at all
+    assert metrics.drop_incomplete_last_line(str(path)) == 21 and path.read_text() == ""
+    assert metrics.drop_incomplete_last_line(str(tmp_path / "none.jsonl")) == 0
+
+
+def test_a_resumed_run_appends_and_readers_take_the_last_record(tmp_path, capsys):
+    """The interrupted run got past its checkpoint (iteration 2) to iteration 4 and was cut mid-record;
+    the resumed run drops the broken line, appends 3 and 4 again, and the last record of each
+    iteration is the uninterrupted run's."""
+    from tools.loss_compare import load
+
+    ckpt, path, ref = tmp_path / "ckpt", tmp_path / "m.jsonl", tmp_path / "ref.jsonl"
+    common = ["--lr-decay-iters", "8", "--seed", "5"]
+    train_losses(1, common + ["--train-iters", "2", "--save", str(ckpt), "--metrics-file", str(path)])
+    lost = '{"iteration": 3, "lm_loss": 1.0}\n{"iteration": 4, "lm_loss": 1.0}\n{"iteration": 5, "lm'
+    with path.open("a") as f:
+        f.write(lost)
+    train_losses(1, common + ["--train-iters", "4", "--load", str(ckpt), "--save", str(ckpt),
+                              "--metrics-file", str(path)])
+    train_losses(1, common + ["--train-iters", "4", "--metrics-file", str(ref)])
+    assert [r["iteration"] for r in _lines(path)] == [1, 2, 3, 4, 3, 4]  # nothing deleted
+    last, uninterrupted = load(str(path), ["lm_loss", "grad_norm"]), load(str(ref), ["lm_loss", "grad_norm"])
+    assert last == uninterrupted and sorted(last) == [1, 2, 3, 4]
+    assert "dropped an incomplete last record" in capsys.readouterr().out
+
+
+def test_an_unwritable_metrics_file_is_one_line_before_step_one(capsys):
+    from megamoe.training.run import main
+
+    rc = main(TINY_ARGS + ["--metrics-file", "/proc/megamoe/m.jsonl"])  # /proc takes no new entries
+    errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1
+    assert "--metrics-file /proc/megamoe/m.jsonl: cannot write it" in errors[0]
