@@ -23,8 +23,11 @@
 #   checkpoint    written by DP rank 0 (dense) and expert-DP rank 0 (experts): ranks 0-7, the first node.
 # --sequence-parallel is added when TP > 1. --moe-hierarchical-alltoall is added only when an EP group
 # spans nodes (EP > GPUS_PER_NODE): with EP 8 on 8-GPU nodes there is no inter-node exchange for it to
-# organise. Relaunching the same command resumes from $CKPT/latest (auto-resume); SIGTERM / SIGUSR1
-# make every rank finish its step, save and exit 0.
+# organise. Relaunching the same command resumes from $CKPT/latest (auto-resume).
+# Stopping: send SIGTERM or SIGUSR1 (or Ctrl-C) to this script's pid, on any one node. The script execs
+# megamoe.launch (with PYTHON, default python on PATH): torchrun with those signals relayed to the
+# workers. Every rank finishes its step, saves and exits 0, and so does the script (plain torchrun
+# died of SIGUSR1, leaving the workers as orphans, and exited 1 on SIGTERM).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -77,8 +80,8 @@ ARGS=(
   ${EXTRA[@]+"${EXTRA[@]}"}
 )
 
-CMD=(torchrun --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" --node-rank "$NODE_RANK"
-     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" pretrain_openmoe.py "${ARGS[@]}")
+CMD=("${PYTHON:-python}" -m megamoe.launch --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES"
+     --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" pretrain_openmoe.py "${ARGS[@]}")
 if [ "${DRY_RUN:-0}" = "1" ]; then
   printf '%s\n' "${ARGS[@]}"
   exit 0

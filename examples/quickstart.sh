@@ -2,7 +2,9 @@
 # Quickstart on CPU, from a fresh clone: set up, build a real corpus from this machine's Python
 # standard library, train a SentencePiece tokenizer, preprocess into Megatron's mmap format, and
 # pretrain openmoe-tiny on it on 2 ranks (torchrun, gloo): dense layers data-parallel, the 8 experts of
-# each MoE layer split 4 + 4 across the ranks (expert parallelism). ~3 minutes on 2 cores.
+# each MoE layer split 4 + 4 across the ranks (expert parallelism). ~3 minutes on 2 cores. Ctrl-C
+# stops it cleanly: the ranks finish the step, save to $OUT/checkpoints and exit 0; the next run
+# starts afresh.
 #
 #   bash examples/quickstart.sh            # everything below
 #   MOCK=1 bash examples/quickstart.sh     # skip the data pipeline, train on --mock-data
@@ -41,8 +43,10 @@ else
 fi
 
 echo "== pretraining openmoe-tiny on $NPROC CPU ranks for $ITERS iterations"
-rm -f "$OUT/metrics.jsonl"
-torchrun --standalone --nproc-per-node "$NPROC" pretrain_openmoe.py \
+# a fresh run every time (--save refuses a directory holding another run's checkpoints)
+rm -rf "$OUT/metrics.jsonl" "$OUT/checkpoints"
+# megamoe.launch: torchrun that relays Ctrl-C / SIGTERM / SIGUSR1 to the ranks (they save, exit 0)
+python -m megamoe.launch --standalone --nproc-per-node "$NPROC" pretrain_openmoe.py \
   --model-preset openmoe-tiny "${DATA_ARGS[@]}" --expert-model-parallel-size "$EP" \
   --seq-length 128 --micro-batch-size 4 --global-batch-size 16 \
   --train-iters "$ITERS" --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 20 --lr-decay-style cosine \
