@@ -34,6 +34,19 @@ PRESETS: dict[str, dict[str, float | int]] = {
                         ffn_hidden_size=12288, num_experts=32, moe_router_topk=2, moe_layer_freq=4,
                         seq_length=2048, vocab_size=256384, moe_z_loss_coeff=1e-3, init_method="t5x",
                          output_z_loss_coeff=1e-4),
+    # Mixtral (docs/ARCHITECTURE.md, "The Mixtral family"): SwiGLU experts have 3*H*I parameters, GQA
+    # keys/values 2*H*G*d; no router z-loss and no output z-loss, aux loss 0.02 (HF's
+    # router_aux_loss_coef). The tiny one has 2 query groups, so TP 2 divides them.
+    "mixtral-tiny": dict(num_layers=4, hidden_size=64, num_attention_heads=4, kv_channels=16,
+                         ffn_hidden_size=64, num_experts=8, moe_router_topk=2, moe_layer_freq=1,
+                         seq_length=128, vocab_size=1024, model_family="mixtral", group_query_attention=True,
+                         num_query_groups=2, rotary_base=1e6, norm_epsilon=1e-5, moe_aux_loss_coeff=0.02,
+                         moe_z_loss_coeff=0.0, output_z_loss_coeff=0.0),
+    "mixtral-8x7b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, kv_channels=128,
+                         ffn_hidden_size=14336, num_experts=8, moe_router_topk=2, moe_layer_freq=1,
+                         seq_length=4096, vocab_size=32000, model_family="mixtral",
+                         group_query_attention=True, num_query_groups=8, rotary_base=1e6, norm_epsilon=1e-5,
+                         moe_aux_loss_coeff=0.02, moe_z_loss_coeff=0.0, output_z_loss_coeff=0.0),
 }
 
 

@@ -53,6 +53,19 @@ class ModelConfig:
                             "1/sqrt(2 x layers) on residual outputs; t5x = OpenMoE's T5X variance scaling "
                             "(fan-in, scale 0.1, query / sqrt(head width), embedding std 1)", "normal",
                             choices=("normal", "t5x"))
+    model_family: str = flag(
+        "decoder family: openmoe (no attention scaling, an MoE layer every --moe-layer-freq layers with an "
+        "extra dense MLP after it, top-k weights not renormalised) or mixtral (1/sqrt(d) attention "
+        "scaling, SwiGLU experts w1/w3/w2, softmax then top-k renormalised, every layer MoE)", "openmoe",
+        choices=("openmoe", "mixtral"))
+    group_query_attention: bool = flag("grouped-query attention: --num-query-groups key/value heads, each "
+                                       "shared by heads / groups query heads", False)
+    num_query_groups: int | None = flag("key/value heads under --group-query-attention", None)
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: the query groups under GQA, else one per attention head."""
+        return self.num_query_groups if self.group_query_attention else self.num_attention_heads
 
     def validate(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "kv_channels",
@@ -69,6 +82,14 @@ class ModelConfig:
                f"--output-z-loss-coeff must be >= 0, got {self.output_z_loss_coeff}")
         _check(self.kv_channels % 2 == 0,
                f"--kv-channels must be even for rotary embeddings, got {self.kv_channels}")
+        groups = self.num_query_groups
+        _check(groups is None or self.group_query_attention,
+               "--num-query-groups needs --group-query-attention")
+        _check(not self.group_query_attention or groups is not None,
+               "--group-query-attention needs --num-query-groups N (the key/value heads)")
+        _check(groups is None or (groups > 0 and self.num_attention_heads % groups == 0),
+               f"--num-query-groups {groups} must be positive and divide --num-attention-heads "
+               f"{self.num_attention_heads}")
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         """Vocab padded to a multiple of make_vocab_size_divisible_by * TP, as Megatron does."""
@@ -104,6 +125,26 @@ class MoEConfig:
     grouped_gemm: bool = flag("run experts as a loop of GEMMs over contiguous slices (reference path)",
                               True, flag="--no-moe-grouped-gemm")
 
+    # FP8 expert GEMMs (docs/ARCHITECTURE.md, "FP8 experts"): Megatron's flag names
+    fp8_format: str | None = flag(
+        "FP8 expert GEMMs: e4m3 everywhere, or hybrid (E4M3 forward, E5M2 gradients); absent: off", None,
+        flag="--fp8-format", choices=("e4m3", "hybrid"))
+    fp8_recipe: str = flag(
+        "FP8 scaling: delayed (amax history of earlier steps), tensorwise (current amax per expert "
+        "GEMM), blockwise (1x128 activation/gradient tiles, 128x128 weight blocks)", "delayed",
+        flag="--fp8-recipe", choices=("delayed", "tensorwise", "blockwise"))
+    fp8_margin: int = flag("delayed/tensorwise scaling: scale down by 2^margin", 0, flag="--fp8-margin")
+    fp8_amax_history_len: int = flag("delayed scaling: steps of amax history", 1024,
+                                     flag="--fp8-amax-history-len")
+    fp8_amax_compute_algo: str = flag("delayed scaling: amax from the history's max or most recent",
+                                      "max", flag="--fp8-amax-compute-algo", choices=("max", "most_recent"))
+    fp8_backend: str | None = flag(
+        "FP8 GEMMs by Transformer Engine (te) or torch float8 (torch); default: te when it imports on "
+        "CUDA, torch otherwise", None, flag="--fp8-backend", choices=("te", "torch"))
+    router_padding_for_fp8: bool = flag(
+        "pad each expert's rows to a multiple of 16 with zero rows (FP8 kernels need it)", False,
+        flag="--moe-router-padding-for-fp8")
+
     def validate(self, num_layers: int) -> None:
         _check(self.num_experts > 0, f"--num-experts must be positive, got {self.num_experts}")
         _check(1 <= self.router_topk <= self.num_experts,
@@ -118,6 +159,14 @@ class MoEConfig:
         _check(self.min_capacity >= 0, f"--moe-min-capacity must be >= 0, got {self.min_capacity}")
         _check(self.aux_loss_coeff >= 0 and self.z_loss_coeff >= 0,
                "--moe-aux-loss-coeff and --moe-z-loss-coeff must be >= 0")
+        _check(self.fp8_margin >= 0, f"--fp8-margin must be >= 0, got {self.fp8_margin}")
+        _check(self.fp8_amax_history_len >= 1,
+               f"--fp8-amax-history-len must be >= 1, got {self.fp8_amax_history_len}")
+        _check(self.fp8_format is not None or self.fp8_backend is None,
+               "--fp8-backend needs --fp8-format e4m3 or hybrid (FP8 is off without it)")
+        _check(self.fp8_backend != "te" or _transformer_engine_on_cuda(),
+               "--fp8-backend te: Transformer Engine does not import here or there is no CUDA device; "
+               "use --fp8-backend torch (torch float8, runs everywhere)")
 
     def is_moe_layer(self, layer: int) -> bool:
         """OpenMoE rule: layer i (0-indexed) is MoE when (i + 1) % interval == 0."""
@@ -232,6 +281,10 @@ class TrainConfig:
     eval_iters: int = flag("validation batches per evaluation", 10)
     save: str | None = flag("checkpoint directory to save to", None)
     load: str | None = flag("checkpoint directory to resume from", None)
+    finetune: bool = flag("--load only the weights: start at iteration 0 with a fresh optimizer and data "
+                          "order (a converted or pretrained checkpoint)", False)
+    load_optim: bool = flag("--load without the optimizer state (fresh AdamW moments and step count)", True,
+                            flag="--no-load-optim")
     save_interval: int | None = flag("save every N iterations (needs --save)", None)
     allow_nonfinite_load: bool = flag("continue from a checkpoint whose weights hold NaN or Inf", False)
     max_consecutive_skipped_steps: int = flag(
@@ -310,9 +363,10 @@ class DataConfig:
     data_path: tuple[str, ...] = flag("PREFIX, or blend weights and prefixes: 0.7 PREFIX_A 0.3 PREFIX_B",
                                       (), nargs="+")
     split: str = flag("train,valid,test weights of the documents", "969,30,1")
-    tokenizer_type: str = flag("SentencePieceTokenizer or GPTSentencePieceTokenizer",
+    tokenizer_type: str = flag("SentencePieceTokenizer, GPTSentencePieceTokenizer or HuggingFaceTokenizer",
                                "SentencePieceTokenizer")
-    tokenizer_model: str | None = flag("the tokenizer's .model file", None)
+    tokenizer_model: str | None = flag("the tokenizer's .model file, or a Hugging Face tokenizer's local "
+                                       "directory (HuggingFaceTokenizer)", None)
     data_cache_path: str | None = flag("directory of the index caches (default: PREFIX's dir/cache)",
                                        None)
 
@@ -347,6 +401,14 @@ class Config:
         _check(self.train.recompute_granularity != "full" or self.parallel.moe_alltoall_chunks == 1,
                "--recompute-granularity full does not combine with --moe-alltoall-chunks > 1 (every "
                "chunk's backward would re-run the layer); use one of them, or selective recompute")
+        m = self.model
+        _check(self.moe.fp8_format is None or self.moe.fp8_recipe != "blockwise"
+               or (m.hidden_size % 128 == 0 and m.ffn_hidden_size % 128 == 0),
+               f"--fp8-recipe blockwise needs --hidden-size ({m.hidden_size}) and --ffn-hidden-size "
+               f"({m.ffn_hidden_size}) divisible by 128 (its tiles and blocks); use another recipe or sizes")
+        _check(self.model.model_family != "mixtral" or self.moe.layer_freq == 1,
+               f"--model-family mixtral makes every layer an MoE layer; drop --moe-layer-freq "
+               f"{self.moe.layer_freq} (or pass 1)")
         group, tokens = self.moe.router_group_size, self.train.micro_batch_size * self.model.seq_length
         _check(group is None or (group > 0 and tokens % group == 0),
                f"--moe-router-group-size {group} must divide the tokens of a micro-batch ({tokens} = "
@@ -357,6 +419,14 @@ class Config:
 
     def replace(self, **sections: object) -> Config:
         return dataclasses.replace(self, **sections)
+
+
+def _transformer_engine_on_cuda() -> bool:
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
 
 
 def validate_layout(cfg: Config, world_size: int) -> None:
@@ -377,6 +447,9 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     _check(m.num_attention_heads % tp == 0,
            f"--num-attention-heads {m.num_attention_heads} is not divisible by "
            f"--tensor-model-parallel-size {tp}")
+    _check(m.kv_heads % tp == 0,
+           f"--num-query-groups {m.kv_heads} is not divisible by --tensor-model-parallel-size {tp} "
+           "(each TP rank holds whole key/value heads); use a TP size that divides it")
     dedup = tp > 1 and not p.sequence_parallel and p.moe_tp_dedup
     _check(not dedup or (m.seq_length * cfg.train.micro_batch_size) % tp == 0,
            f"--seq-length x --micro-batch-size must be divisible by --tensor-model-parallel-size {tp} "

@@ -51,3 +51,16 @@ def gated_mul(h_gate: torch.Tensor, h_up: torch.Tensor) -> torch.Tensor:
     if h_gate.shape[-1] != 2 * h_up.shape[-1]:
         raise ValueError(f"gate width {h_gate.shape[-1]} != 2 x up width {h_up.shape[-1]}")
     return _GatedMul.apply(h_gate, h_up)
+
+
+def swiglu_mul(h_gate: torch.Tensor, h_up: torch.Tensor) -> torch.Tensor:
+    """Mixtral's expert hidden: silu(w1 x) * (w3 x), h_gate and h_up both [..., I] (HF's
+    ``act_fn(gate) * up``, the same two products)."""
+    if h_gate.shape[-1] != h_up.shape[-1]:
+        raise ValueError(f"gate width {h_gate.shape[-1]} != up width {h_up.shape[-1]}")
+    return F.silu(h_gate) * h_up
+
+
+# Expert activation by name: the gate projection is GATE_WIDTH[name] x the FFN width.
+EXPERT_ACTIVATIONS = {"openmoe": gated_mul, "swiglu": swiglu_mul}
+GATE_WIDTH = {"openmoe": 2, "swiglu": 1}

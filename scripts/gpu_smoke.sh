@@ -4,7 +4,8 @@
 #   1. bf16 + ZeRO + overlapped gradient reduction and parameter gather + EP (as many GPUs as divide
 #      the 8 experts) + 2-chunk exchange, saving a checkpoint;
 #   2. a resume from that checkpoint (fused AdamW takes its first step after --load), saving again;
-#   3. the same run without interruption, whose losses the resumed run must match exactly.
+#   3. the same run without interruption, whose losses the resumed run must match exactly;
+#   4. the run with FP8 experts, whose losses must stay within 5% of the bf16 run's.
 #   bash scripts/gpu_smoke.sh            (OUT=dir to keep the runs elsewhere than runs/gpu_smoke)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -31,4 +32,7 @@ run resumed 40 --load "$OUT/ckpt" --save "$OUT/ckpt" --save-interval 20
 run straight 40
 # bf16 on GPU is not bitwise deterministic (atomic adds in index_add_); a broken resume is far off
 python tools/loss_compare.py "$OUT/straight.jsonl" "$OUT/resumed.jsonl" --rtol 1e-2
+# 4. FP8 experts (hybrid, delayed scaling; Transformer Engine when it imports), against the bf16 run
+run fp8 40 --fp8-format hybrid --fp8-recipe delayed --moe-router-padding-for-fp8
+python tools/loss_compare.py "$OUT/straight.jsonl" "$OUT/fp8.jsonl" --rtol 5e-2
 echo "gpu smoke: all passed ($NGPU GPU(s), EP $EP)"

@@ -46,36 +46,49 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class CoreAttention(nn.Module):
-    """Causal softmax(q k^T) v with NO 1/sqrt(d) scaling: [b, n, s, d] each -> [b, n, s, d].
+    """Causal softmax(scale * q k^T) v: q [b, n, s, d], k and v [b, g, s, d] (g key/value heads, each
+    shared by n/g consecutive query heads, as HF's repeat_kv) -> [b, n, s, d]. ``scale`` 1.0 is OpenMoE
+    (no 1/sqrt(d) scaling), 1/sqrt(d) Mixtral.
 
     A parameterless module of its own so that the training code can swap it for a subclass that runs
     it differently (activation checkpointing) without touching Attention.
     """
 
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = scale
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+        gqa = k.shape[1] != q.shape[1]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with RoPE and NO 1/sqrt(d) score scaling (OpenMoE/T5 style).
+    """Causal attention with RoPE; score scale ``scale`` (1.0: OpenMoE/T5 style, no 1/sqrt(d)) and
+    ``kv_heads`` key/value heads (grouped-query attention when fewer than ``heads``).
 
-    Heads are split across TP: q/k/v are column-parallel (n/tp local heads), o is row-parallel.
+    Heads are split across TP: q/k/v are column-parallel (n/tp query heads, g/tp key/value heads: TP
+    must divide both), o is row-parallel.
     Input and output are residual-stream tensors ([b, s/tp, h] under SP, else [b, s, h]).
     """
 
     def __init__(self, hidden: int, heads: int, kv_channels: int, std: float, out_std: float,
-                 rotary_base: float, tp: TPContext | None = None, query_std: float | None = None) -> None:
+                 rotary_base: float, tp: TPContext | None = None, query_std: float | None = None,
+                 kv_heads: int | None = None, scale: float = 1.0) -> None:
         super().__init__()
         tp = tp or TPContext()
-        if heads % tp.size:
-            raise ValueError(f"{heads} attention heads are not divisible by TP {tp.size}")
+        kv_heads = kv_heads or heads
+        if heads % tp.size or kv_heads % tp.size:
+            raise ValueError(f"{heads} attention heads / {kv_heads} key/value heads are not divisible by "
+                             f"TP {tp.size}")
         self.tp, self.local_heads, self.d, self.rotary_base = tp, heads // tp.size, kv_channels, rotary_base
+        self.local_kv_heads = kv_heads // tp.size
         inner = heads * kv_channels
         self.q_proj = ColumnParallelLinear(hidden, inner, tp, std if query_std is None else query_std)
-        self.k_proj = ColumnParallelLinear(hidden, inner, tp, std)
-        self.v_proj = ColumnParallelLinear(hidden, inner, tp, std)
+        self.k_proj = ColumnParallelLinear(hidden, kv_heads * kv_channels, tp, std)
+        self.v_proj = ColumnParallelLinear(hidden, kv_heads * kv_channels, tp, std)
         self.o_proj = RowParallelLinear(inner, hidden, tp, out_std)
-        self.core_attention = CoreAttention()
+        self.core_attention = CoreAttention(scale)
         self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def _tables(self, s: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +102,8 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         n = self.local_heads
 
-        def heads(t: torch.Tensor) -> torch.Tensor:  # [b, s, n*d] -> [b, n, s, d]
-            return t.view(b, s, n, self.d).transpose(1, 2)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [b, s, n*d] -> [b, n, s, d] (n: q or kv heads)
+            return t.view(b, s, -1, self.d).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         cos, sin = self._tables(s, x.device)

@@ -1,4 +1,5 @@
-"""The OpenMoE decoder (docs/ARCHITECTURE.md, "The OpenMoE model").
+"""The OpenMoE decoder (docs/ARCHITECTURE.md, "The OpenMoE model"), and the Mixtral family beside it
+(``--model-family mixtral``: every block is an MoE block without the extra MLP, GQA, 1/sqrt(d)).
 
 Dense block:  y = x + Attn(norm1(x));  z = y + MLP(norm2(y)).
 MoE block:    y = x + Attn(norm1(x));  m = y + MoE(norm2(y));  z = m + ExtraMLP(norm3(m)).
@@ -33,27 +34,33 @@ class DecoderLayer(nn.Module):
         """``placement``: where this layer's experts live (None: contiguous blocks)."""
         super().__init__()
         m, stds = cfg.model, InitStds.for_model(cfg.model)
+        mixtral = m.model_family == "mixtral"
         self.is_moe = cfg.moe.is_moe_layer(layer)
+        self.has_extra_mlp = self.is_moe and not mixtral  # OpenMoE's dense MLP after each MoE
         self.input_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
         self.self_attn = Attention(m.hidden_size, m.num_attention_heads, m.kv_channels, stds.key_value,
-                                   stds.attention_out, m.rotary_base, tp, query_std=stds.query)
+                                   stds.attention_out, m.rotary_base, tp, query_std=stds.query,
+                                   kv_heads=m.kv_heads, scale=m.kv_channels ** -0.5 if mixtral else 1.0)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
         if self.is_moe:
             num_moe_layers = sum(cfg.moe.is_moe_layer(i) for i in range(m.num_layers))
             self.mlp: nn.Module = MoELayer(layer, m.hidden_size, m.ffn_hidden_size, cfg.moe, stds.mlp_in,
                                            stds.mlp_out, stats, placement=placement, par=moe_par,
-                                           num_moe_layers=num_moe_layers, truncated_init=stds.truncated)
-            self.pre_extra_mlp_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
-            self.extra_mlp = GatedMLP(m.hidden_size, m.ffn_hidden_size, stds.mlp_in, stds.mlp_out, tp,
-                                      truncated=stds.truncated)
+                                           num_moe_layers=num_moe_layers, truncated_init=stds.truncated,
+                                           activation="swiglu" if mixtral else "openmoe",
+                                           renormalize=mixtral)
         else:
             self.mlp = GatedMLP(m.hidden_size, m.ffn_hidden_size, stds.mlp_in, stds.mlp_out, tp,
                                 truncated=stds.truncated)
+        if self.has_extra_mlp:
+            self.pre_extra_mlp_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
+            self.extra_mlp = GatedMLP(m.hidden_size, m.ffn_hidden_size, stds.mlp_in, stds.mlp_out, tp,
+                                      truncated=stds.truncated)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, h]
         x = x + self.self_attn(self.input_layernorm(x))
         x = x + self.mlp(self.post_attention_layernorm(x))
-        if self.is_moe:
+        if self.has_extra_mlp:
             x = x + self.extra_mlp(self.pre_extra_mlp_layernorm(x))
         return x
 
@@ -185,15 +192,17 @@ def count_parameters(cfg: Config) -> dict[str, int]:
     m, moe = cfg.model, cfg.moe
     h, i, inner = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads * m.kv_channels
     v = m.padded_vocab_size(1)
-    attn = 4 * h * inner
+    mixtral = m.model_family == "mixtral"
+    attn = 2 * h * inner + 2 * h * m.kv_heads * m.kv_channels  # q, o; k, v over the query groups
     ffn = 4 * h * i
+    expert_ffn = 3 * h * i if mixtral else ffn  # SwiGLU w1, w3, w2 / OpenMoE's 2I-wide gate
     total = active = 0
     for layer in range(m.num_layers):
         base = attn + 2 * h  # attention + two norms
         if moe.is_moe_layer(layer):
-            extra = ffn + h + moe.num_experts * h  # extra MLP + its norm + router
-            total += base + extra + moe.num_experts * ffn
-            active += base + extra + moe.router_topk * ffn
+            extra = moe.num_experts * h + (0 if mixtral else ffn + h)  # router (+ extra MLP and its norm)
+            total += base + extra + moe.num_experts * expert_ffn
+            active += base + extra + moe.router_topk * expert_ffn
         else:
             total += base + ffn
             active += base + ffn

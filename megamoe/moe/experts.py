@@ -5,13 +5,16 @@ per expert's contiguous slice (reference and fallback); neither gathers with mas
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
 from torch import nn
 
-from megamoe.ops import gated_mul
-from megamoe.params import expert, relabel_experts
+from megamoe.moe.fp8 import FP8GroupMM, FP8Recipe, ProjectionFP8, scales_from_history
+from megamoe.moe.fp8_te import TEProjection, te_expert_mlp
+from megamoe.ops import EXPERT_ACTIVATIONS, GATE_WIDTH
+from megamoe.params import expert, expert_state, relabel_experts
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -23,62 +26,60 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-class _GroupedMM(torch.autograd.Function):
-    """forward: y[rows of group g] = x[rows of g] @ w[g]; backward: dx = dy @ w[g]^T, dw[g] = x_g^T dy_g.
+@dataclass(frozen=True)
+class GroupGemm:
+    """Per-group GEMMs (no autograd) for rows sorted by group: ``offs`` [G] int32 cumulative row
+    ends for ONE torch._grouped_mm per product, or ``bounds`` [(lo, hi)] on the host for one GEMM per
+    group written straight into its rows of one output (no cat)."""
 
-    x: [N, K], w: [G, K, M], offs: [G] int32 cumulative row ends -> y: [N, M].
-    Written out because the built-in backward rejects non-contiguous upstream gradients.
-    """
+    offs: torch.Tensor | None = None
+    bounds: list[tuple[int, int]] | None = None
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, w, offs)
-        return torch._grouped_mm(x, w, offs=offs)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, w, offs = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = torch._grouped_mm(dy, w.transpose(1, 2), offs=offs) if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1]:
-            dw = torch._grouped_mm(x.t(), dy, offs=offs)  # [G, K, M]
-            if dw.device.type != "cpu":  # some GPU kernels leave an empty group's gradient unwritten
-                empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
-                dw.masked_fill_(empty[:, None, None], 0)  # no host sync
-        return dx, dw, None
-
-
-class _LoopMM(torch.autograd.Function):
-    """The same contract as _GroupedMM but for the groups' row ranges ``bounds`` [(lo, hi)] on the host:
-    one GEMM per group, each written straight into its rows of one output (no cat, and an empty
-    group's weight gradient is its only zero fill)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.bounds = bounds
+    def mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x: [N, K], w: [G, K, M] -> [N, M], rows of group g times w[g]."""
+        if self.offs is not None:
+            return torch._grouped_mm(x, w, offs=self.offs)
         y = x.new_empty(x.shape[0], w.shape[-1])
-        for g, (lo, hi) in enumerate(bounds):
+        for g, (lo, hi) in enumerate(self.bounds):
             if hi > lo:
                 torch.mm(x[lo:hi], w[g], out=y[lo:hi])
         return y
 
+    def wgrad(self, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        """x: [N, K], dy: [N, M] -> [G, K, M], x_g^T dy_g (zero for an empty group)."""
+        if self.offs is not None:
+            dw = torch._grouped_mm(x.t(), dy, offs=self.offs)
+            if dw.device.type != "cpu":  # some GPU kernels leave an empty group's gradient unwritten
+                empty = torch.diff(self.offs, prepend=self.offs.new_zeros(1)) == 0
+                dw.masked_fill_(empty[:, None, None], 0)  # no host sync
+            return dw
+        dw = x.new_empty(len(self.bounds), x.shape[1], dy.shape[1])
+        for g, (lo, hi) in enumerate(self.bounds):
+            if hi > lo:
+                torch.mm(x[lo:hi].t(), dy[lo:hi], out=dw[g])
+            else:
+                dw[g].zero_()
+        return dw
+
+
+class _GroupMM(torch.autograd.Function):
+    """forward: y[rows of group g] = x[rows of g] @ w[g]; backward: dx = dy @ w[g]^T, dw[g] = x_g^T dy_g.
+
+    x: [N, K], w: [G, K, M] -> y: [N, M]. Written out because the built-in backward rejects
+    non-contiguous upstream gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, gemm: GroupGemm) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.gemm = gemm
+        return gemm.mm(x, w)
+
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, w = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[:2]
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-        dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_w else None
-        for g, (lo, hi) in enumerate(ctx.bounds):
-            if hi == lo:
-                if need_w:
-                    dw[g].zero_()
-                continue
-            if need_x:
-                torch.mm(dy[lo:hi], w[g].t(), out=dx[lo:hi])
-            if need_w:
-                torch.mm(x[lo:hi].t(), dy[lo:hi], out=dw[g])
+        dy = dy.contiguous()
+        dx = ctx.gemm.mm(dy, w.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        dw = ctx.gemm.wgrad(x, dy) if ctx.needs_input_grad[1] else None
         return dx, dw, None
 
 
@@ -88,40 +89,67 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, grouped: 
     return _grouped_mm_fn(x, counts, grouped)(x, w)
 
 
-def _grouped_mm_fn(x: torch.Tensor, counts: torch.Tensor, grouped: bool, sizes: list[int] | None = None,
-                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """(a, w) -> a @ w per group, for rows laid out like ``x`` with ``counts``; the group bounds are
-    computed once for all projections of a layer. Under autocast both operands are cast to its dtype,
-    as F.linear would be (neither custom GEMM is on autocast's op lists). ``sizes``: ``counts`` on the
-    host, when the caller has them (the loop path would otherwise read them back: a host sync)."""
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+def group_gemm(x: torch.Tensor, counts: torch.Tensor, grouped: bool, dtype: torch.dtype,
+               sizes: list[int] | None = None) -> GroupGemm:
+    """The kernels for rows laid out like ``x`` with ``counts``: grouped when torch._grouped_mm runs
+    for ``dtype`` here, else a loop over the host ``sizes`` (read from ``counts`` when not given:
+    a host sync)."""
     if grouped and x.shape[0] > 0 and grouped_mm_supported(x.device, dtype):
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        return lambda a, w: _GroupedMM.apply(a.to(dtype), w.to(dtype), offs)
+        return GroupGemm(offs=torch.cumsum(counts, 0).to(torch.int32))
     sizes = counts.tolist() if sizes is None else sizes
     if sum(sizes) != x.shape[0]:
         raise ValueError(f"counts sum to {sum(sizes)}, x has {x.shape[0]} rows")
     ends = list(accumulate(sizes))
-    bounds = list(zip([0, *ends[:-1]], ends))
-    return lambda a, w: _LoopMM.apply(a.to(dtype), w.to(dtype), bounds)
+    return GroupGemm(bounds=list(zip([0, *ends[:-1]], ends)))
+
+
+def _grouped_mm_fn(x: torch.Tensor, counts: torch.Tensor, grouped: bool, sizes: list[int] | None = None,
+                   fp8: ProjectionFP8 | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(a, w) -> a @ w per group, for rows laid out like ``x`` with ``counts``; the group bounds are
+    computed once for all projections of a layer. Under autocast both operands are cast to its dtype,
+    as F.linear would be (neither custom GEMM is on autocast's op lists). ``sizes``: ``counts`` on the
+    host, when the caller has them. ``fp8``: quantise the operands (FP8 runs its GEMM in fp32)."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    if fp8 is not None:
+        gemm = group_gemm(x, counts, grouped, torch.float32, sizes)
+        return lambda a, w: FP8GroupMM.apply(a, w, gemm, fp8)
+    gemm = group_gemm(x, counts, grouped, dtype, sizes)
+    return lambda a, w: _GroupMM.apply(a.to(dtype), w.to(dtype), gemm)
 
 
 class GroupedExperts(nn.Module):
     """E_local experts, each an OpenMoE gated FFN, weights HF-style: wi_gate [E_local, H, 2I], wi_up
     [E_local, H, I], wo [E_local, I, H]. ``expert_ids``: the global ids of the local slots, which seed
-    their initialisation (docs/ARCHITECTURE.md, "Layout invariance")."""
+    their initialisation (docs/ARCHITECTURE.md, "Layout invariance"). ``fp8``: run the three
+    projections as FP8 GEMMs (megamoe/moe/fp8.py); delayed scaling keeps an amax history per logical
+    expert, projection and operand, fp8_amax_history [E_local, 3, 3, L], newest first.
+    ``activation="swiglu"`` (Mixtral): wi_gate is [E_local, H, I] (HF's w1 transposed) and the hidden
+    silu(x wi_gate) * (x wi_up)."""
 
     def __init__(self, hidden: int, ffn: int, expert_ids: list[int], std: float, out_std: float,
-                 grouped: bool = True, truncated: bool = False) -> None:
+                 grouped: bool = True, truncated: bool = False, fp8: FP8Recipe | None = None,
+                 activation: str = "openmoe") -> None:
         super().__init__()
         n = len(expert_ids)
-        self.grouped = grouped
+        self.grouped, self.fp8 = grouped, fp8
+        self.act = EXPERT_ACTIVATIONS[activation]  # (h_gate, h_up) -> [N, I]
         # reduced over expert-DP, norms summed over EP; each slot drawn as its logical expert
         init = dict(expert_ids=expert_ids, truncated=truncated)
-        self.wi_gate = expert(nn.Parameter(torch.empty(n, hidden, 2 * ffn)), std=std, **init)
+        self.wi_gate = expert(nn.Parameter(torch.empty(n, hidden, GATE_WIDTH[activation] * ffn)), std=std,
+                              **init)
         self.wi_up = expert(nn.Parameter(torch.empty(n, hidden, ffn)), std=std, **init)
         self.wo = expert(nn.Parameter(torch.empty(n, ffn, hidden)), std=out_std, **init)
+        self.fp8_grad_divisor = 1.0  # set by the trainer: megamoe.parallel.optimizer.expert_grad_divisor
+        if fp8 is not None and fp8.backend == "te":  # TE modules over our weights (not registered)
+            dims = [(hidden, self.wi_gate.shape[-1]), (hidden, ffn), (ffn, hidden)]
+            self._te_projections = [TEProjection(lambda name=name: getattr(self, name), n, k, m)
+                                    for name, (k, m) in zip(("wi_gate", "wi_up", "wo"), dims)]
+        if fp8 is not None and fp8.keeps_history:
+            self.fp8_amax_history = expert_state(
+                nn.Parameter(torch.zeros(n, 3, 3, fp8.amax_history_len)), expert_ids=expert_ids)
+            self.register_buffer("fp8_step_amax", torch.zeros(n, 3, 3), persistent=False)
+            self.fp8_scales: torch.Tensor | None = None  # [E_local, 3, 3] for the current step
 
     def relabel(self, expert_ids: list[int]) -> None:
         """The slots now hold these logical experts (their weights were moved in by the rebalancer)."""
@@ -131,5 +159,49 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None = None,
                 ) -> torch.Tensor:
         """x: [N, H] sorted by local expert, counts: [E_local] (sizes: the same on the host) -> [N, H]."""
+        if self.fp8 is not None:
+            return self._forward_fp8(x, counts, sizes)
         mm = _grouped_mm_fn(x, counts, self.grouped, sizes)
-        return mm(gated_mul(mm(x, self.wi_gate), mm(x, self.wi_up)), self.wo)  # gated_mul: [N, I]
+        return mm(self.act(mm(x, self.wi_gate), mm(x, self.wi_up)), self.wo)  # hidden: [N, I]
+
+    def _forward_fp8(self, x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None) -> torch.Tensor:
+        """The same MLP with FP8 projections; rows padded per expert to --moe-router-padding-for-fp8's
+        multiple with zero rows (which change no output, amax or gradient) when asked."""
+        real_rows = None
+        if self.fp8.pad_rows_to:
+            x, counts, sizes, real_rows = pad_groups(x, counts, sizes, self.fp8.pad_rows_to)
+        if self.fp8.backend == "te":
+            sizes = counts.tolist() if sizes is None else sizes
+            y = te_expert_mlp(self._te_projections, self.act, x, sizes, self.fp8)
+            return y if real_rows is None else y[real_rows]
+        groups = counts.shape[0]
+        gemm = group_gemm(x, counts, self.grouped, torch.float32, sizes)
+        group_of_row = torch.repeat_interleave(torch.arange(groups, device=x.device), counts,
+                                               output_size=x.shape[0])  # [N]
+        projections = [ProjectionFP8(self.fp8, group_of_row, groups, grad_divisor=self.fp8_grad_divisor)
+                       for _ in range(3)]
+        if self.fp8.keeps_history:
+            if self.fp8_scales is None:
+                self.fp8_scales = scales_from_history(self.fp8_amax_history.detach(), self.fp8)
+            for index, projection in enumerate(projections):
+                projection.scales = self.fp8_scales[:, index]
+                projection.step_amax = self.fp8_step_amax[:, index] if self.training else None
+
+        def mm(a: torch.Tensor, w: torch.Tensor, index: int) -> torch.Tensor:
+            return FP8GroupMM.apply(a, w, gemm, projections[index])
+
+        y = mm(self.act(mm(x, self.wi_gate, 0), mm(x, self.wi_up, 1)), self.wo, 2)  # [N(padded), H]
+        return y if real_rows is None else y[real_rows]
+
+
+def pad_groups(x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None, multiple: int,
+               ) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
+    """Rows [N, H] grouped by ``counts`` -> (rows with each group padded by zero rows to a multiple of
+    ``multiple``, padded counts, padded sizes on the host, [N] position of each real row)."""
+    sizes = counts.tolist() if sizes is None else sizes
+    padded = [-(-size // multiple) * multiple for size in sizes]
+    starts = [0, *accumulate(padded)][:-1]
+    real = [start + i for start, size in zip(starts, sizes) for i in range(size)]
+    real_rows = torch.tensor(real, dtype=torch.int64).to(x.device, non_blocking=True)
+    out = x.new_zeros(sum(padded), x.shape[1]).index_copy(0, real_rows, x)
+    return out, torch.tensor(padded, dtype=counts.dtype).to(counts.device), padded, real_rows

@@ -48,6 +48,7 @@ class FP8Recipe:
     amax_history_len: int = 1024
     amax_compute_algo: str = "max"  # "max" | "most_recent"
     pad_rows_to: int = 0  # 16 with --moe-router-padding-for-fp8
+    backend: str = "torch"  # "te": Transformer Engine (megamoe/moe/fp8_te.py), GPU only
 
     @staticmethod
     def from_config(moe: object) -> FP8Recipe | None:
@@ -57,7 +58,13 @@ class FP8Recipe:
         return FP8Recipe(format=fmt, recipe=moe.fp8_recipe, margin=moe.fp8_margin,
                          amax_history_len=moe.fp8_amax_history_len,
                          amax_compute_algo=moe.fp8_amax_compute_algo,
-                         pad_rows_to=16 if moe.router_padding_for_fp8 else 0)
+                         pad_rows_to=16 if moe.router_padding_for_fp8 else 0,
+                         backend=moe.fp8_backend or ("te" if te_available() else "torch"))
+
+    @property
+    def keeps_history(self) -> bool:
+        """Whether this recipe keeps an amax history per logical expert (torch delayed scaling)."""
+        return self.recipe == "delayed" and self.backend == "torch"
 
     def dtype(self, operand: int) -> torch.dtype:
         return E5M2 if self.format == "hybrid" and operand == GRAD else E4M3
@@ -65,6 +72,17 @@ class FP8Recipe:
     def fp8_max(self) -> torch.Tensor:
         """[3] the largest value of each operand's format."""
         return torch.tensor([FP8_MAX[self.dtype(op)] for op in (INPUT, WEIGHT, GRAD)])
+
+
+def te_available() -> bool:
+    """Transformer Engine imports and a CUDA device exists (the te backend's condition)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising anything at import
+        return False
+    return True
 
 
 # -- quantisation ---------------------------------------------------------------------------------
@@ -93,12 +111,14 @@ def group_amax(x: torch.Tensor, group_of_row: torch.Tensor, num_groups: int) -> 
     return out.scatter_reduce(0, group_of_row, row_amax.float(), reduce="amax")
 
 
-def quantize_row_tiles(x: torch.Tensor, dtype: torch.dtype, block: int = BLOCK) -> torch.Tensor:
-    """x: [N, K] with one scale per 1 x block tile of each row (current amax) -> dequantised fp32."""
+def quantize_row_tiles(x: torch.Tensor, dtype: torch.dtype, block: int = BLOCK, unit: float = 1.0,
+                       ) -> torch.Tensor:
+    """x: [N, K] with one scale per 1 x block tile of each row (current amax of x / unit: the scale
+    is chosen for x / unit and applied to x) -> dequantised fp32."""
     n, k = x.shape
     tiles = x.float().reshape(n, k // block, block)
-    scale = pow2_scale(tiles.abs().amax(-1, keepdim=True), FP8_MAX[dtype])  # [N, K/block, 1]
-    return quantize(tiles, scale, dtype).reshape(n, k)
+    scale = pow2_scale(tiles.abs().amax(-1, keepdim=True) / unit, FP8_MAX[dtype])  # [N, K/block, 1]
+    return quantize(tiles, scale / unit, dtype).reshape(n, k)
 
 
 def quantize_weight_blocks(w: torch.Tensor, dtype: torch.dtype, block: int = BLOCK) -> torch.Tensor:
@@ -121,6 +141,11 @@ class ProjectionFP8:
     num_groups: int
     scales: torch.Tensor | None = None  # delayed: [G, 3] per operand
     step_amax: torch.Tensor | None = None  # delayed, training: [G, 3] max |operand| this step
+    # dy here is (gradient of the global mean loss) x grad_divisor: the micro-batch loss scale is 1 /
+    # (this rank's micro-batches) and the expert-DP reduction divides by the divisor afterwards
+    # (megamoe.parallel.optimizer.expert_grad_divisor). Gradients are scaled and measured as
+    # dy / grad_divisor, the same values in every layout, so their FP8 rounding is too.
+    grad_divisor: float = 1.0
 
     def _record(self, operand: int, amax: torch.Tensor) -> None:
         if self.step_amax is not None:
@@ -129,15 +154,16 @@ class ProjectionFP8:
     def rows(self, x: torch.Tensor, operand: int) -> torch.Tensor:
         """x or dy: [N, K] -> dequantised fp32 [N, K]."""
         dtype, r = self.recipe.dtype(operand), self.recipe.recipe
+        unit = self.grad_divisor if operand == GRAD else 1.0  # x / unit: the layout-free values
         if r == "blockwise":
-            return quantize_row_tiles(x, dtype)
-        amax = group_amax(x, self.group_of_row, self.num_groups)  # [G]
+            return quantize_row_tiles(x, dtype, unit=unit)
+        amax = group_amax(x, self.group_of_row, self.num_groups) / unit  # [G]
         if r == "delayed":
             self._record(operand, amax)
             scale = self.scales[:, operand]
         else:
             scale = pow2_scale(amax, FP8_MAX[dtype], self.recipe.margin)
-        return quantize(x, scale[self.group_of_row].unsqueeze(1), dtype)
+        return quantize(x, (scale / unit)[self.group_of_row].unsqueeze(1), dtype)
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         """w: [G, K, M] -> dequantised fp32."""

@@ -15,6 +15,7 @@ from torch import nn
 from megamoe.config import MoEConfig
 from megamoe.moe.dispatcher import CommCounters, ExpertPlacement, MoEParallel, TokenDispatcher
 from megamoe.moe.experts import GroupedExperts
+from megamoe.moe.fp8 import FP8Recipe
 from megamoe.moe.router import RoutingGroups, expert_capacity, route
 from megamoe.parallel.comm import all_gather_rows
 from megamoe.params import replicated
@@ -125,9 +126,11 @@ class MoELayer(nn.Module):
     def __init__(self, layer: int, hidden: int, ffn: int, moe: MoEConfig, std: float,
                  out_std: float, stats: MoEStats, placement: ExpertPlacement | None = None,
                  par: MoEParallel | None = None, num_moe_layers: int = 1, truncated_init: bool = False,
-                 ) -> None:
+                 activation: str = "openmoe", renormalize: bool = False) -> None:
+        """``activation``: the experts' (megamoe.ops.EXPERT_ACTIVATIONS); ``renormalize``: top-k combine
+        weights divided by their sum (Mixtral) instead of raw softmax probabilities (OpenMoE)."""
         super().__init__()
-        self.layer, self.cfg, self.stats = layer, moe, stats
+        self.layer, self.cfg, self.stats, self.renormalize = layer, moe, stats, renormalize
         # T5X / OpenMoE average the router losses over the MoE layers (the coefficients are per
         # model); Megatron sums them (--no-moe-router-loss-average)
         self.loss_weight = 1.0 / num_moe_layers if moe.router_loss_average else 1.0
@@ -141,7 +144,9 @@ class MoELayer(nn.Module):
         self.gate_weight = replicated(nn.Parameter(torch.empty(moe.num_experts, hidden)),
                                       std=moe.router_init_std, sp_partial=True, keep_fp32=True)
         self.experts = GroupedExperts(hidden, ffn, self.placement.local_experts(self.topo.index), std,
-                                      out_std, grouped=moe.grouped_gemm, truncated=truncated_init)
+                                      out_std, grouped=moe.grouped_gemm, truncated=truncated_init,
+                                      fp8=FP8Recipe.from_config(moe),
+                                      activation=activation)
         self.dispatcher = TokenDispatcher(self.placement, self.par, stats)
 
     def set_placement(self, placement: ExpertPlacement) -> None:
@@ -180,7 +185,8 @@ class MoELayer(nn.Module):
         xt = x.reshape(b * s, h)  # [T, H]
         logits = xt.float() @ self.gate_weight.float().t()  # [T, E] fp32
         groups = self._groups(b, s, x.device)
-        routing = route(logits, self.cfg.router_topk, self.capacity(groups.group_size), groups)
+        routing = route(logits, self.cfg.router_topk, self.capacity(groups.group_size), groups,
+                        renormalize=self.renormalize)
         if self.dispatcher.pipelined:  # K chunks: the experts run inside the exchange, overlapped
             out = self.dispatcher.pipeline(xt, routing, self.experts)
         else:

@@ -70,8 +70,10 @@ class RoutingGroups:
 
 
 def route(logits: torch.Tensor, topk: int, capacity: int | None, groups: RoutingGroups | None = None,
-          ) -> Routing:
-    """Route this rank's tokens given fp32 logits [T, E]; ``capacity=None`` is dropless. When the
+          renormalize: bool = False) -> Routing:
+    """Route this rank's tokens given fp32 logits [T, E]; ``capacity=None`` is dropless;
+    ``renormalize``: combine weights are the top-k probabilities divided by their sum (Mixtral) instead
+    of the raw softmax probabilities (OpenMoE). When the
     micro-batch is sharded over ranks (sequence parallelism), ``groups.gather`` brings every rank's
     top-k choices (small ints) so that counts, capacity positions and drops are those of the whole
     group; aux and z losses are then this rank's additive share."""
@@ -79,6 +81,8 @@ def route(logits: torch.Tensor, topk: int, capacity: int | None, groups: Routing
     groups = groups or RoutingGroups(group_size=logits.shape[0])  # one group: this rank's tokens
     probs = torch.softmax(logits, dim=-1)  # [T, E] over ALL experts
     top_probs, expert_ids = probs.topk(topk, dim=-1)  # [T, k], sorted: column 0 is top-1
+    if renormalize:  # HF Mixtral: router_top_value /= router_top_value.sum(-1)
+        top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
     all_ids = expert_ids if groups.gather is None else groups.gather(expert_ids)  # [T_all, k]
     total = all_ids.shape[0]
     num_groups = total // groups.group_size

@@ -460,9 +460,12 @@ def check_finite(params: list[tuple[str, nn.Parameter]], where: str, fix: str) -
 
 def load_checkpoint(directory: str, model: nn.Module, optimizer: DistributedOptimizer | None,
                     mesh: ParallelMesh, cfg: Config | None = None, allow_nonfinite: bool = False,
-                    ) -> TrainState | None:
+                    load_optim: bool = True, finetune: bool = False) -> TrainState | None:
     """Restore weights, optimizer state and RNG from ``directory`` (or its ``latest``) under this
-    rank's layout, whatever layout saved it. None if there is no checkpoint yet."""
+    rank's layout, whatever layout saved it. None if there is no checkpoint yet. Megatron's
+    ``load_optim=False`` (--no-load-optim) leaves AdamW's moments and step fresh; ``finetune``
+    (--finetune) also starts at iteration 0 with the RNG as seeded: only the weights are taken."""
+    load_optim = load_optim and not finetune
     path = resolve_checkpoint(directory)
     if path is None:
         return None
@@ -479,6 +482,8 @@ def load_checkpoint(directory: str, model: nn.Module, optimizer: DistributedOpti
             pieces = param_pieces(_global_name(pname), p)
             st: dict[str, torch.Tensor] = {}
             for kind in KINDS:
+                if kind in ("exp_avg", "exp_avg_sq") and not load_optim:
+                    continue
                 if kind != "weight" or role(p).init.zeros:  # zeros: state a run may not have kept
                     if not all(index.has(kind, pc.key) for pc in pieces):  # (FP8 amax history): empty
                         continue
@@ -494,7 +499,9 @@ def load_checkpoint(directory: str, model: nn.Module, optimizer: DistributedOpti
     if not allow_nonfinite:
         check_finite(params, f"checkpoint {path}", "pass --allow-nonfinite-load to continue from it anyway")
     if optimizer is not None:
-        optimizer.load_full_param_states(states, float(meta.get("adam_step", 0.0)))
+        optimizer.load_full_param_states(states, float(meta.get("adam_step", 0.0)) if load_optim else 0.0)
+    if finetune:
+        return TrainState()
     _load_rng(index, mesh.rank if int(meta["world_size"]) == mesh.world_size else 0)
     return TrainState(iteration=int(meta["iteration"]), consumed_samples=int(meta["consumed_samples"]))
 
@@ -516,6 +523,15 @@ def _check_same_model(meta: dict[str, Any], cfg: Config, path: str) -> None:
         if saved[field] != getattr(cfg.model, field):
             raise CheckpointError(f"checkpoint {path} has {field.replace('_', '-')} {saved[field]}, this run "
                                   f"{getattr(cfg.model, field)}; load it with the same model shape")
+    family = saved.get("model_family", "openmoe")  # checkpoints from before the Mixtral family
+    if family != cfg.model.model_family:
+        raise CheckpointError(f"checkpoint {path} holds a {family} model, this run builds "
+                              f"{cfg.model.model_family}; pass --model-family {family}")
+    kv_heads = (saved.get("num_query_groups") if saved.get("group_query_attention") else None) or \
+        saved["num_attention_heads"]
+    if kv_heads != cfg.model.kv_heads:
+        raise CheckpointError(f"checkpoint {path} has {kv_heads} key/value heads, this run "
+                              f"{cfg.model.kv_heads}; load it with the same --num-query-groups")
     if meta["config"]["moe"]["num_experts"] != cfg.moe.num_experts:
         raise CheckpointError(f"checkpoint {path} has {meta['config']['moe']['num_experts']} experts, this "
                               f"run {cfg.moe.num_experts}; load it with the same --num-experts")

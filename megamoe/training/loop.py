@@ -26,7 +26,7 @@ from megamoe.data.sampler import SampleDataset, micro_batches
 from megamoe.model.openmoe import StageModel
 from megamoe.moe.fp8 import finish_fp8_step
 from megamoe.parallel.mesh import ParallelMesh
-from megamoe.parallel.optimizer import DistributedOptimizer
+from megamoe.parallel.optimizer import DistributedOptimizer, expert_grad_divisor
 from megamoe.parallel.pipeline import P2P
 from megamoe.parallel.schedules import (
     StepContext,
@@ -66,6 +66,9 @@ class Trainer:
     def __post_init__(self) -> None:
         self._fp8_experts = [module for module in self.model.modules()
                              if hasattr(module, "fp8_amax_history")]  # delayed-scaling expert modules
+        for module in self.model.modules():  # FP8 gradients are scaled as the global loss's
+            if hasattr(module, "fp8_grad_divisor"):
+                module.fp8_grad_divisor = float(expert_grad_divisor(self.mesh, self.cfg))
         m = self.cfg.model
         if any(self.cfg.moe.is_moe_layer(layer) for layer in range(m.num_layers)):  # on every stage:
             self.rebalancer = ExpertRebalancer(self.cfg, self.model, self.optimizer, self.mesh)  # collectives

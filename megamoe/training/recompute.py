@@ -116,7 +116,7 @@ def apply_recompute(model: StageModel, train_cfg: TrainConfig) -> StageModel:
     elif granularity == "selective":
         for module in model.modules():
             if isinstance(module, Attention) and type(module.core_attention) is CoreAttention:
-                recomputed = RecomputedCoreAttention()
+                recomputed = RecomputedCoreAttention(module.core_attention.scale)
                 recomputed.training = module.core_attention.training
                 module.core_attention = recomputed
     else:

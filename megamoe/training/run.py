@@ -54,8 +54,8 @@ def build_datasets(cfg: Config, mesh: ParallelMesh,
     from megamoe.data.tokenizer import build_tokenizer
 
     if cfg.data.tokenizer_model is None:
-        raise ConfigError("--data-path needs --tokenizer-model (the SentencePiece .model used to "
-                          "preprocess it)")
+        raise ConfigError("--data-path needs --tokenizer-model (the SentencePiece .model or Hugging Face "
+                          "tokenizer directory used to preprocess it)")
     tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     if tok.vocab_size != m.vocab_size:
         import dataclasses
@@ -150,10 +150,13 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
     auto_resume = t.load is not None and t.save is not None and (
         os.path.realpath(t.load) == os.path.realpath(t.save))  # --load = --save
     if t.load:
-        state = load_checkpoint(t.load, model, optimizer, mesh, cfg, allow_nonfinite=t.allow_nonfinite_load)
+        state = load_checkpoint(t.load, model, optimizer, mesh, cfg, allow_nonfinite=t.allow_nonfinite_load,
+                                load_optim=t.load_optim, finetune=t.finetune)
         if state is not None:
             trainer.state = state
-            logger.info(f" > resumed from {t.load} at iteration {state.iteration}")
+            fresh = " with a fresh optimizer" if t.finetune or not t.load_optim else ""
+            logger.info(f" > {'weights loaded' if t.finetune else 'resumed'} from {t.load} at iteration "
+                        f"{state.iteration}{fresh}")
         elif not auto_resume:
             logger.info(f" > WARNING: no checkpoint in --load {t.load}: training starts from scratch")
     # with --allow-existing-save-dir, this run adds to another run's checkpoints but never replaces one
