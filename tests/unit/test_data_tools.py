@@ -315,6 +315,19 @@ def test_train_tokenizer_refuses_overwrite_and_survives_full_disk(corpus, tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["tok.model", "tok.vocab"]
 
 
+def test_outputs_under_a_file_or_in_an_unwritable_place_are_one_line(corpus, tmp_path):
+    """Issue 17: these were tracebacks. /proc takes no new directories, even from root."""
+    (tmp_path / "file").write_text("x")
+    for prefix, reason in ((tmp_path / "file" / "out", f"{tmp_path / 'file'}: File exists"),
+                           ("/proc/megamoe/out", "/proc/megamoe: No such file or directory")):
+        err = one_line_error(preprocess_into(corpus, prefix, corpus / "corpus.jsonl", ok=False))
+        assert reason in err and "nothing was replaced" in err
+        err = one_line_error(tool("train_tokenizer.py", "--input", corpus / "corpus.jsonl", "--vocab-size",
+                                  400, "--model-prefix", prefix, ok=False))
+        assert reason in err and "nothing was replaced" in err
+    assert (tmp_path / "file").read_text() == "x"
+
+
 def test_merge_refuses_overwrite_and_survives_failure(corpus, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
