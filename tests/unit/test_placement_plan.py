@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -182,12 +181,13 @@ def test_ours_is_within_five_percent_of_the_bound_when_it_is_achievable(num_expe
         assert max_over_mean(loads, new, ep_size) <= 1.05
 
 
-def test_planning_256_experts_on_64_ranks_is_fast():
+def test_planning_256_experts_on_64_ranks_with_nodes_stays_valid_and_no_worse():
+    """Planning time is a benchmark figure (bench/planner_quality.py), not asserted here."""
     loads = zipf_loads(256, 0.5, seed=0)
-    start = time.perf_counter()
-    plan_placement(loads, contiguous(256, 64), 64, ranks_per_node=8)
-    # target 100 ms (about 20 ms measured); generous here because the test machine is shared
-    assert time.perf_counter() - start < 1.0
+    current = contiguous(256, 64)
+    new = plan_placement(loads, current, 64, ranks_per_node=8)
+    check_placement(new, 256, 64)
+    assert max_over_mean(loads, new, 64) <= max_over_mean(loads, current, 64)
 
 
 # -- measures and bad input ------------------------------------------------------------------------------
