@@ -114,3 +114,32 @@ def poison_expert_grads(monkeypatch: pytest.MonkeyPatch, poisoned: Callable[[int
         self.wo.register_hook(hook)
 
     monkeypatch.setattr(GroupedExperts, "__init__", init)
+
+
+def fp8_experts(recipe: str | None, hidden: int = 128, ffn: int = 128, experts: int = 3, grouped: bool = True,
+                pad: int = 0, backend: str = "torch", device: str = "cpu") -> Any:
+    """GroupedExperts with N(0, 0.05) weights (seed 0), in hybrid FP8 under ``recipe`` (None: fp32)."""
+    import torch
+
+    from megamoe.moe.experts import GroupedExperts
+    from megamoe.moe.fp8 import FP8Recipe
+
+    torch.manual_seed(0)
+    fp8 = None if recipe is None else FP8Recipe(format="hybrid", recipe=recipe, amax_history_len=8,
+                                                pad_rows_to=pad, backend=backend)
+    module = GroupedExperts(hidden, ffn, list(range(experts)), 0.05, 0.05, grouped=grouped, fp8=fp8)
+    module = module.to(device)
+    with torch.no_grad():
+        for p in (module.wi_gate, module.wi_up, module.wo):
+            p.normal_(0, 0.05)
+    return module
+
+
+def run_experts(module: Any, x: Any, counts: Any) -> tuple[Any, Any, list[Any]]:
+    """Forward and backward (a fixed ramp as the output gradient): (y, dx, [d wi_gate, d wi_up, d wo])."""
+    import torch
+
+    x = x.clone().requires_grad_(True)
+    y = module(x, counts)
+    y.backward(torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y))
+    return y.detach(), x.grad, [p.grad.clone() for p in (module.wi_gate, module.wi_up, module.wo)]

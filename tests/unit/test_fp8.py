@@ -4,7 +4,7 @@ grouped == looped, padding, and the FP8 expert MLP against fp32 (SQNR thresholds
 import pytest
 import torch
 
-from megamoe.moe.experts import GroupedExperts, GroupGemm, _GroupMM
+from megamoe.moe.experts import GroupGemm, _GroupMM
 from megamoe.moe.fp8 import (
     E4M3,
     E5M2,
@@ -20,6 +20,7 @@ from megamoe.moe.fp8 import (
     quantize_weight_blocks,
     scales_from_history,
 )
+from tests.conftest import fp8_experts, run_experts
 
 RECIPES = ["delayed", "tensorwise", "blockwise"]
 
@@ -77,22 +78,11 @@ def test_blockwise_tiles_and_blocks_by_hand():
     assert wq[0, :128].eq(2.0 ** -10).all() and wq[0, 128:].eq(288.0).all()
 
 
-def _experts(recipe, grouped, h=128, ffn=128, experts=3, pad=0):
-    torch.manual_seed(0)
-    fp8 = None if recipe is None else FP8Recipe(format="hybrid", recipe=recipe, amax_history_len=8,
-                                                pad_rows_to=pad)
-    module = GroupedExperts(h, ffn, list(range(experts)), 0.05, 0.05, grouped=grouped, fp8=fp8)
-    with torch.no_grad():
-        for p in (module.wi_gate, module.wi_up, module.wo):
-            p.normal_(0, 0.05)
-    return module
+def _experts(recipe, grouped, pad=0):
+    return fp8_experts(recipe, grouped=grouped, pad=pad)
 
 
-def _run(module, x, counts):
-    x = x.clone().requires_grad_(True)
-    y = module(x, counts)
-    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
-    return y.detach(), x.grad, [p.grad.clone() for p in (module.wi_gate, module.wi_up, module.wo)]
+_run = run_experts
 
 
 def _warm(module, x, counts):

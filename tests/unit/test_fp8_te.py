@@ -4,8 +4,8 @@ Engine, against fp32 on the same device. Skipped without CUDA; scripts/gpu_smoke
 import pytest
 import torch
 
-from megamoe.moe.experts import GroupedExperts
-from megamoe.moe.fp8 import FP8Recipe, finish_fp8_step, te_available
+from megamoe.moe.fp8 import finish_fp8_step, te_available
+from tests.conftest import fp8_experts, run_experts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -16,21 +16,12 @@ def _sqnr(reference, test):
 
 
 def _mlp(recipe, backend):
-    torch.manual_seed(0)
-    fp8 = None if recipe is None else FP8Recipe(format="hybrid", recipe=recipe, amax_history_len=8,
-                                                pad_rows_to=16, backend=backend)
-    module = GroupedExperts(256, 256, list(range(4)), 0.05, 0.05, fp8=fp8).cuda()
-    with torch.no_grad():
-        for p in (module.wi_gate, module.wi_up, module.wo):
-            p.normal_(0, 0.05)
-    return module
+    return fp8_experts(recipe, hidden=256, ffn=256, experts=4, pad=16, backend=backend, device="cuda")
 
 
 def _run(module, x, counts):
-    x = x.clone().requires_grad_(True)
-    y = module(x, counts)
-    y.backward(torch.ones_like(y))
-    return y.detach(), x.grad
+    y, dx, _ = run_experts(module, x, counts)
+    return y, dx
 
 
 @pytest.mark.parametrize("backend", ["torch", "te"])
