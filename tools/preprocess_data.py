@@ -324,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenise (default text)")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX_KEY_document.bin/.idx")
     p.add_argument("--tokenizer-type", required=True,
-                   help="SentencePieceTokenizer (or its alias GPTSentencePieceTokenizer)")
-    p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
+                   help="SentencePieceTokenizer (or its alias GPTSentencePieceTokenizer), or "
+                   "HuggingFaceTokenizer")
+    p.add_argument("--tokenizer-model", required=True,
+                   help="SentencePiece .model file, or a Hugging Face tokenizer's local directory")
     p.add_argument("--workers", type=int, default=1, help="tokenising processes (default 1)")
     p.add_argument("--partitions", type=int, default=1,
                    help="split the input into K byte ranges processed in parallel, then merged")

@@ -93,3 +93,54 @@ class StreamingSafetensors:
                 self.error = self.error or e
         if exc_type is None and self.error is not None:
             raise self.error
+
+
+_FROM_CODE = {code: dtype for dtype, code in _DTYPES.items()}
+
+
+class SafetensorsReader:
+    """A safetensors file read tensor by tensor with plain reads (no mmap): only the tensor asked for
+    is ever in memory, and nothing stays resident once it is dropped (an mmap'd file's touched pages
+    count toward the process's memory until it is closed). ``with SafetensorsReader(path) as f:
+    f.shapes, f.dtypes, f.get(name)``. Raises ValueError on a file that is not safetensors."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.file = open(path, "rb")
+        try:
+            size = self.file.seek(0, os.SEEK_END)
+            self.file.seek(0)
+            (n,) = struct.unpack("<Q", self.file.read(8))
+            if n > size - 8:
+                raise ValueError("header larger than the file")
+            header = json.loads(self.file.read(n))
+            self.data_start = 8 + n
+            self.entries = {k: v for k, v in header.items() if k != "__metadata__"}
+            self.metadata: dict[str, str] = header.get("__metadata__") or {}
+            self.shapes = {k: tuple(v["shape"]) for k, v in self.entries.items()}
+            self.dtypes = {k: _FROM_CODE[v["dtype"]] for k, v in self.entries.items()}
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            self.file.close()
+            raise ValueError(f"{path} is not a safetensors file ({type(e).__name__}: {e})") from None
+        except BaseException:
+            self.file.close()
+            raise
+
+    def get(self, name: str) -> torch.Tensor:
+        begin, end = self.entries[name]["data_offsets"]
+        self.file.seek(self.data_start + begin)
+        data = bytearray(end - begin)
+        if self.file.readinto(data) != end - begin:
+            raise ValueError(f"{self.path} is truncated: {name} ends past the end of the file")
+        flat = torch.frombuffer(data, dtype=self.dtypes[name]) if data else torch.empty(
+            0, dtype=self.dtypes[name])
+        return flat.reshape(self.shapes[name])
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -139,7 +139,9 @@ def test_tokenizer(corpus):
     for line in (corpus / "corpus.jsonl").read_text().splitlines()[:5]:
         text = json.loads(line)["text"]
         assert tok.detokenize(tok.tokenize(text)) == text
-    with pytest.raises(DataError, match="--tokenizer-type HuggingFaceTokenizer: unsupported"):
+    with pytest.raises(DataError, match="--tokenizer-type BertTokenizer: unsupported"):
+        build_tokenizer("BertTokenizer", str(corpus / "tok.model"))
+    with pytest.raises(DataError, match=r"tok\.model: not a directory"):
         build_tokenizer("HuggingFaceTokenizer", str(corpus / "tok.model"))
     with pytest.raises(DataError, match=r"nope\.model: tokenizer model not found"):
         build_tokenizer("SentencePieceTokenizer", str(corpus / "nope.model"))
