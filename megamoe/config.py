@@ -306,14 +306,18 @@ class TrainConfig:
     wandb_project: str | None = flag("Weights & Biases project (no logging there when absent)", None)
     wandb_exp_name: str | None = flag("Weights & Biases run name", None)
     tensorboard_dir: str | None = flag("TensorBoard log directory", None)
-    peak_tflops: float | None = flag("per-device peak for MFU; default: measured GEMM rate at start-up",
-                                     None)
+    peak_tflops: float | None = flag(
+        "per-device peak TFLOP/s that MFU divides by; default: a known GPU's dense BF16 datasheet peak, "
+        "else the largest measured GEMM rate (CPU: stored per machine, tools/measure_peak.py re-measures)",
+        None)
 
     def validate(self) -> None:
         for name in ("micro_batch_size", "global_batch_size", "train_iters", "log_interval",
                      "eval_interval"):
             value = getattr(self, name)
             _check(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
+        _check(self.peak_tflops is None or 0 < self.peak_tflops < float("inf"),
+               f"--peak-tflops must be a positive number, got {self.peak_tflops}")
         _check(self.global_batch_size % self.micro_batch_size == 0,
                f"--global-batch-size {self.global_batch_size} must be divisible by "
                f"--micro-batch-size {self.micro_batch_size}")
