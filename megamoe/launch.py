@@ -18,8 +18,10 @@ worker succeed, and the launcher exits 0. No grace period runs out while they sa
   delivers it anyway, which stops a worker that never installs a handler (not pretrain_openmoe.py).
 - A signal that arrives before any worker exists (torchrun still in rendezvous, waiting for other
   nodes) stops the launcher at once with exit code 128 + the signal number: nothing to save.
-- SIGHUP and SIGQUIT stay with torchrun (forwarded, then SIGKILL after ``--shutdown-timeout``).
+- SIGHUP and SIGQUIT stay with torchrun (forwarded, then SIGKILL after ``--shutdown-timeout``), and
+  so does any signal added with torchrun's ``--signals-to-handle`` (e.g. SIGUSR2).
 - SIGKILL cannot be relayed: a launcher killed that way leaves its workers running.
+- Linux only: the workers and their handlers are found in /proc.
 
 Failures are one line: the failed ranks and their exit codes (each worker prints its own error above
 it), exit code 1, instead of torchrun's traceback and report.
@@ -27,16 +29,16 @@ it), exit code 1, instead of torchrun's traceback and report.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 RELAYED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-# torchrun's default list without the signals relayed here (it would replace our handlers)
-LEFT_TO_TORCHRUN = "SIGHUP,SIGQUIT"
 POLL_SECONDS = 0.5  # how often a held signal is retried
 
 
@@ -125,6 +127,24 @@ class SignalRelay:
                 delivered.add(pid)
 
 
+@contextlib.contextmanager
+def _relay_handlers_kept() -> Iterator[None]:
+    """Inside this block, ``signal.signal`` leaves the relayed signals' handlers alone. torchrun installs
+    its own for SIGTERM and SIGINT when it starts the workers (a fixed list in torch releases before
+    ``--signals-to-handle``, added in 2025), and they would replace the relay's. Only torchrun runs in
+    this process, so refusing the replacement here works with every torch version."""
+    install = signal.signal
+
+    def keep_relayed(sig: int, handler: Any) -> Any:
+        return signal.getsignal(sig) if sig in RELAYED else install(sig, handler)
+
+    signal.signal = keep_relayed
+    try:
+        yield
+    finally:
+        signal.signal = install
+
+
 def _failure_line(failures: dict) -> str:
     """One line for torchrun's ChildFailedError: which ranks failed and how."""
     parts = []
@@ -138,19 +158,16 @@ def _failure_line(failures: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a.split("=")[0] in ("--signals-to-handle", "--signals_to_handle") for a in argv):
-        print("error: megamoe.launch handles SIGTERM, SIGUSR1 and SIGINT itself; drop --signals-to-handle "
-              "(or run torchrun directly)", file=sys.stderr)
-        return 2
     from torch.distributed import DistError
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    args = torchrun.parse_args(["--signals-to-handle", LEFT_TO_TORCHRUN, *argv])
+    args = torchrun.parse_args(argv)
     SignalRelay().install()
     try:
-        torchrun.run(args)
+        with _relay_handlers_kept():
+            torchrun.run(args)
     except ChildFailedError as e:
         print(_failure_line(e.failures), file=sys.stderr, flush=True)
         return 1

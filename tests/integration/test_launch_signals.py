@@ -24,7 +24,7 @@ from tests.integration.test_launch import ENV, ROOT, SCRIPT
 EXTRA_ARGS = ("--model-preset openmoe-tiny --seq-length 32 --global-batch-size 8 --micro-batch-size 2 "
               "--lr 3e-3 --lr-warmup-iters 2 --lr-decay-iters 400 --log-interval 1 "
               "--moe-router-group-size 64")
-REF_ITERS = 20  # the uninterrupted run every stopped run is compared with
+REF_ITERS = 12  # the uninterrupted run every stopped run is compared with
 
 
 def _free_port() -> int:
@@ -155,6 +155,3 @@ def test_a_failed_worker_is_one_line(tmp_path):
     assert r.returncode == 1
     assert "error: --adam-beta1 must be in [0, 1), got 1.5" in r.stdout  # each worker's own line
     assert "error: workers failed: rank 0 (pid " in r.stderr and "Traceback" not in r.stderr, r.stderr
-    bad = subprocess.run([sys.executable, "-m", "megamoe.launch", "--signals-to-handle", "SIGTERM", "x.py"],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--signals-to-handle" in bad.stderr
