@@ -19,9 +19,13 @@ def load(path: str, keys: list[str]) -> dict[int, dict[str, float]]:
     rows: dict[int, dict[str, float]] = {}
     try:
         with open(path) as f:
-            lines = f.read().splitlines()
+            text = f.read()
     except OSError as e:
         raise SystemExit(f"error: cannot read metrics file {path}: {e.strerror}") from None
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):  # a run cut mid-record (never reopened): not a record yet
+        print(f"note: {path}: ignoring its incomplete last line", file=sys.stderr)
+        lines.pop()
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue

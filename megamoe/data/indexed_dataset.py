@@ -143,7 +143,7 @@ class WriteAside:
         for tmp in doomed:
             try:
                 os.remove(tmp)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):  # never created (or under a file)
                 pass
 
     def __enter__(self) -> WriteAside:

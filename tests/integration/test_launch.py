@@ -55,6 +55,10 @@ def test_loss_compare_flags_differences(tmp_path):
     assert _run([sys.executable, "tools/loss_compare.py", str(a), str(a)]).returncode == 0
     missing = _run([sys.executable, "tools/loss_compare.py", str(a), str(tmp_path / "nope.jsonl")])
     assert missing.returncode == 2 and "nope.jsonl" in missing.stderr
+    cut = tmp_path / "cut.jsonl"  # a run killed mid-record that never reopened the file
+    cut.write_text(a.read_text() + '{"iteration": 3, "lm_lo')
+    r = _run([sys.executable, "tools/loss_compare.py", str(a), str(cut)])
+    assert r.returncode == 0 and "3 iterations compared" in r.stdout and "incomplete last line" in r.stderr
 
 
 def _dry_run(**env: str) -> list[str]:

@@ -37,6 +37,13 @@ def single_real(data):
     return _train(1, _args(data, str(data / "a_text_document")))
 
 
+def test_the_vocabulary_follows_the_tokenizer_and_says_so(data, capsys):
+    args = _args(data, str(data / "a_text_document")) + ["--train-iters", "1", "--vocab-size", "5000"]
+    recs = _train(1, args)
+    assert len(recs) == 1
+    assert " > vocabulary 512 from --tokenizer-model (not --vocab-size 5000)" in capsys.readouterr().out
+
+
 def test_loss_falls_on_real_text(single_real):
     assert single_real[-1]["lm_loss"] < single_real[0]["lm_loss"] - 0.5
 

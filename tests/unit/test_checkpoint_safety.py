@@ -81,6 +81,9 @@ def test_load_that_finds_nothing_warns_and_starts_from_scratch(tmp_path, capsys)
     recs = train_losses(1, SHORT + ["--load", str(tmp_path / "typo")])
     assert len(recs) == 3 and recs[0]["iteration"] == 1
     assert "WARNING: no checkpoint in --load" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert len(train_losses(1, SHORT + ["--load", str(tmp_path / "empty")])) == 3
+    assert "WARNING: no checkpoint in --load" in capsys.readouterr().out
     train_losses(1, SHORT + ["--load", str(tmp_path / "auto"), "--save", str(tmp_path / "auto")])
     assert "WARNING" not in capsys.readouterr().out  # --load = --save: the auto-resume pattern
 
@@ -156,8 +159,10 @@ def test_checkpoint_of_another_vocabulary_is_a_one_line_error(tmp_path):
     ({}, ["--metrics-file", "{tmp}"], "is a directory"),
     ({}, ["--tensorboard-dir", "{tmp}/file"], "is a file"),
     ({}, ["--save", "{tmp}/file/ckpt"], "which is a file"),
+    ({}, ["--save", "/proc/megamoe/ckpt"], "--save /proc/megamoe/ckpt cannot be created"),
+    ({}, ["--moe-ranks-per-node", "3"], "ranks per node 3 does not tile world size 1"),
 ], ids=["world-abc", "rank-out-of-range", "no-master-addr", "metrics-dir", "tensorboard-file",
-        "save-under-file"])
+        "save-under-file", "save-unwritable", "ranks-per-node"])
 def test_launch_and_output_path_errors_are_one_line_before_step_one(tmp_path, monkeypatch, capsys, env,
                                                                       extra, message):
     from megamoe.training.run import main

@@ -87,6 +87,7 @@ def test_overrides_and_kv_channels_may_differ_from_hidden():
     (TINY + ["--adam-eps", "-1"], 1, "--adam-eps"),
     (TINY + ["--lr", "0"], 1, "--lr"),
     (TINY + ["--distributed-timeout-minutes", "0"], 1, "--distributed-timeout-minutes"),
+    (TINY + ["--distributed-timeout-minutes", "-1"], 1, "--distributed-timeout-minutes must be positive"),
     (TINY + ["--output-z-loss-coeff", "-1"], 1, "--output-z-loss-coeff"),
 ])
 def test_bad_input_raises_one_line_naming_the_flag(argv, world, flag):
