@@ -104,6 +104,35 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.
     return torch.where(scale > 0, q, x.float())
 
 
+@dataclass
+class Quantized:
+    """An operand as FP8 bytes and their scales (``data`` [*blocked shape] float8, ``scale``
+    broadcastable to it), or, when some part of it stays unquantised (a scale of 0), as the
+    dequantised fp32 values with ``scale`` None. What FP8GroupMM keeps for backward: a quarter of
+    fp32 in the first case."""
+
+    data: torch.Tensor
+    scale: torch.Tensor | None
+    shape: torch.Size
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 values (exact: the scales are powers of two)."""
+        if self.scale is None:
+            return self.data.reshape(self.shape)
+        return (self.data.float() / self.scale).reshape(self.shape)
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, shape: torch.Size | None = None,
+                 ) -> Quantized:
+    """x rounded to ``dtype`` at ``scale`` (broadcast to x), kept as FP8 bytes; ``shape``: the
+    operand's shape when x is a blocked view of it. One host read (whether every scale is set)."""
+    shape = x.shape if shape is None else shape
+    if bool((scale > 0).all()):
+        m = FP8_MAX[dtype]
+        return Quantized((x.float() * scale).clamp(-m, m).to(dtype), scale, shape)
+    return Quantized(quantize(x, scale, dtype), None, shape)
+
+
 def group_amax(x: torch.Tensor, group_of_row: torch.Tensor, num_groups: int) -> torch.Tensor:
     """x: [N, K], group_of_row: [N] -> [G] max |x| over each group's rows (0 for an empty group)."""
     row_amax = x.detach().abs().amax(dim=1) if x.shape[0] else x.new_zeros(0)
@@ -112,21 +141,21 @@ def group_amax(x: torch.Tensor, group_of_row: torch.Tensor, num_groups: int) -> 
 
 
 def quantize_row_tiles(x: torch.Tensor, dtype: torch.dtype, block: int = BLOCK, unit: float = 1.0,
-                       ) -> torch.Tensor:
+                       ) -> Quantized:
     """x: [N, K] with one scale per 1 x block tile of each row (current amax of x / unit: the scale
-    is chosen for x / unit and applied to x) -> dequantised fp32."""
+    is chosen for x / unit and applied to x)."""
     n, k = x.shape
     tiles = x.float().reshape(n, k // block, block)
     scale = pow2_scale(tiles.abs().amax(-1, keepdim=True) / unit, FP8_MAX[dtype])  # [N, K/block, 1]
-    return quantize(tiles, scale / unit, dtype).reshape(n, k)
+    return quantize_fp8(tiles, scale / unit, dtype, x.shape)
 
 
-def quantize_weight_blocks(w: torch.Tensor, dtype: torch.dtype, block: int = BLOCK) -> torch.Tensor:
-    """w: [G, K, M] with one scale per block x block square of each expert -> dequantised fp32."""
+def quantize_weight_blocks(w: torch.Tensor, dtype: torch.dtype, block: int = BLOCK) -> Quantized:
+    """w: [G, K, M] with one scale per block x block square of each expert."""
     g, k, m = w.shape
     blocks = w.float().reshape(g, k // block, block, m // block, block)
     scale = pow2_scale(blocks.abs().amax(dim=(2, 4), keepdim=True), FP8_MAX[dtype])
-    return quantize(blocks, scale, dtype).reshape(g, k, m)
+    return quantize_fp8(blocks, scale, dtype, w.shape)
 
 
 # -- one projection -------------------------------------------------------------------------------
@@ -151,8 +180,8 @@ class ProjectionFP8:
         if self.step_amax is not None:
             torch.maximum(self.step_amax[:, operand], amax, out=self.step_amax[:, operand])
 
-    def rows(self, x: torch.Tensor, operand: int) -> torch.Tensor:
-        """x or dy: [N, K] -> dequantised fp32 [N, K]."""
+    def rows(self, x: torch.Tensor, operand: int) -> Quantized:
+        """x or dy: [N, K] quantised."""
         dtype, r = self.recipe.dtype(operand), self.recipe.recipe
         unit = self.grad_divisor if operand == GRAD else 1.0  # x / unit: the layout-free values
         if r == "blockwise":
@@ -163,10 +192,10 @@ class ProjectionFP8:
             scale = self.scales[:, operand]
         else:
             scale = pow2_scale(amax, FP8_MAX[dtype], self.recipe.margin)
-        return quantize(x, (scale / unit)[self.group_of_row].unsqueeze(1), dtype)
+        return quantize_fp8(x, (scale / unit)[self.group_of_row].unsqueeze(1), dtype)
 
-    def weight(self, w: torch.Tensor) -> torch.Tensor:
-        """w: [G, K, M] -> dequantised fp32."""
+    def weight(self, w: torch.Tensor) -> Quantized:
+        """w: [G, K, M] quantised."""
         dtype, r = self.recipe.dtype(WEIGHT), self.recipe.recipe
         if r == "blockwise":
             return quantize_weight_blocks(w, dtype)
@@ -176,28 +205,32 @@ class ProjectionFP8:
             scale = self.scales[:, WEIGHT]
         else:
             scale = pow2_scale(amax, FP8_MAX[dtype], self.recipe.margin)
-        return quantize(w, scale[:, None, None], dtype)
+        return quantize_fp8(w, scale[:, None, None], dtype)
 
 
 class FP8GroupMM(torch.autograd.Function):
     """forward: y = Q(x) @ Q(w) per group; backward: dx = Q(dy) @ Q(w)^T, dw = Q(x)^T Q(dy) per group.
 
-    ``gemm``: the raw per-group kernels of the row layout (megamoe.moe.experts.GroupGemm). The
-    quantised operands are saved in fp32 (an FP8 kernel would save them in FP8: a quarter)."""
+    ``gemm``: the raw per-group kernels of the row layout (megamoe.moe.experts.GroupGemm). Backward
+    keeps Q(x) and Q(w) as FP8 bytes and scales (:class:`Quantized`), dequantised when used."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, gemm: object, fp8: ProjectionFP8) -> torch.Tensor:
         xq, wq = fp8.rows(x, INPUT), fp8.weight(w)
-        ctx.save_for_backward(xq, wq)
+        ctx.quantized = (xq, wq)  # not tensors autograd could check: nothing modifies them in place
         ctx.gemm, ctx.fp8, ctx.dtypes = gemm, fp8, (x.dtype, w.dtype)
-        return gemm.mm(xq, wq).to(x.dtype)
+        return gemm.mm(xq.dequantize(), wq.dequantize()).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
-        xq, wq = ctx.saved_tensors
-        dyq = ctx.fp8.rows(dy.contiguous(), GRAD)
-        dx = ctx.gemm.mm(dyq, wq.transpose(1, 2)).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        dw = ctx.gemm.wgrad(xq, dyq).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        xq, wq = ctx.quantized
+        dyq = ctx.fp8.rows(dy.contiguous(), GRAD).dequantize()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = ctx.gemm.mm(dyq, wq.dequantize().transpose(1, 2)).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            dw = ctx.gemm.wgrad(xq.dequantize(), dyq).to(ctx.dtypes[1])
+        ctx.quantized = None
         return dx, dw, None, None
 
 

@@ -68,13 +68,13 @@ def test_blockwise_tiles_and_blocks_by_hand():
     x = torch.zeros(2, 256)
     x[0, :128], x[0, 128:] = 2.0 ** -10, 300.0  # row 0: tile amax 2^-10 -> scale 2^18; 300 -> scale 1
     x[1, 5] = 2.0 ** -10  # row 1 tile 0: the same value, the same scale, whatever row 0 holds
-    q = quantize_row_tiles(x, E4M3)
+    q = quantize_row_tiles(x, E4M3).dequantize()
     assert q[0, :128].eq(2.0 ** -10).all() and q[1, 5] == 2.0 ** -10  # exact (at scale 1: 0)
     assert q[0, 128:].eq(288.0).all()  # 300 at scale 1 rounds to E4M3's 288 (step 32 above 256)
     w = torch.zeros(1, 256, 128)
     w[0, :128] = 2.0 ** -10  # block (0, 0): its own scale, exact
     w[0, 128:] = 300.0  # block (1, 0): scale 1
-    wq = quantize_weight_blocks(w, E4M3)
+    wq = quantize_weight_blocks(w, E4M3).dequantize()
     assert wq[0, :128].eq(2.0 ** -10).all() and wq[0, 128:].eq(288.0).all()
 
 
@@ -188,3 +188,16 @@ def test_delayed_records_each_operand_once_per_step_and_skips_eval():
     with torch.no_grad():
         module(x, counts)
     assert module.fp8_step_amax.eq(0).all()  # evaluation does not feed the training scales
+
+
+def test_backward_keeps_fp8_bytes_unless_an_operand_stays_unquantised():
+    from megamoe.moe.fp8 import quantize_fp8
+
+    x = torch.randn(8, 16)
+    kept = quantize_fp8(x, torch.full((8, 1), 64.0), E4M3)
+    assert kept.data.dtype == E4M3 and kept.data.element_size() == 1
+    assert torch.equal(kept.dequantize(), quantize(x, torch.tensor(64.0), E4M3))
+    scale = torch.full((8, 1), 64.0)
+    scale[3] = 0  # row 3 has no scale (delayed scaling without history): it stays fp32, exact
+    mixed = quantize_fp8(x, scale, E4M3)
+    assert mixed.data.dtype == torch.float32 and torch.equal(mixed.dequantize()[3], x[3])
