@@ -40,7 +40,8 @@ own work, whatever else shares the cores.
   same rank is the busiest in every layer) and summed over ranks (the total work, what the step takes
   when the ranks share fewer cores than they are).
 The planner's own view, the window's EP-rank load max/mean before and after (worst MoE layer), and the
-experts / bytes / seconds moved come from the rebalance record.
+experts / bytes / seconds moved come from the rebalance record; the window's per-expert loads (logged
+at iteration `steps`) give the best max/mean any placement could reach (placement_plan.slot_lower_bound).
 
 On fewer cores than ranks the ranks time-share the cores: see bench/README.md, "Expert rebalancer:
 measured gain", for what that does to the step-time ratio.
@@ -63,6 +64,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import megamoe.moe.layer as moe_layer  # noqa: E402
+from megamoe.moe.placement_plan import slot_lower_bound  # noqa: E402
 from megamoe.moe.router import Routing  # noqa: E402
 from megamoe.training import loop  # noqa: E402
 from tests.harness import TINY_ARGS, _train_rank, run_ranks  # noqa: E402
@@ -223,7 +225,8 @@ def train_argv(world: int, args: argparse.Namespace) -> list[str]:
             "--peak-tflops", "1",  # no peak GEMM measurement at start-up (MFU is not reported here)
             "--expert-model-parallel-size", str(world),
             "--moe-rebalance-interval", str(args.steps), "--moe-rebalance-window", str(args.steps),
-            "--moe-rebalance-min-gain", "0"]
+            "--moe-rebalance-min-gain", "0",
+            "--log-interval", str(args.steps)]  # iteration `steps` logs the window the planner saw
 
 
 def _median(values: list[float]) -> float:
@@ -273,7 +276,10 @@ def measure(world: int, args: argparse.Namespace) -> dict[str, Any]:
                 rebalance=dict(experts_moved=rec["moe_experts_moved"], bytes=rec["moe_rebalance_bytes"],
                                seconds=rec["moe_rebalance_seconds"],
                                rank_load_before_per_layer=rec["moe_rank_load_before"],
-                               rank_load_after_per_layer=rec["moe_rank_load_after"]),
+                               rank_load_after_per_layer=rec["moe_rank_load_after"],
+                               # the best any placement of whole experts could do on those loads
+                               slot_lower_bound_per_layer=[slot_lower_bound(loads, world)
+                                                           for loads in rec["moe_expert_load"]]),
                 per_step=steps_data, per_rank=raw, wall_s=wall,
                 load_average=[load_start, os.getloadavg()[0]])  # other processes' share of the cores
 
@@ -302,6 +308,8 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 before=over_runs("before"), after=over_runs("after"),
                 after_over_before=over_runs("after_over_before"),
                 experts_moved=reb["experts_moved"], bytes=reb["bytes"],  # the same in every run
+                planned_per_layer=reb["rank_load_after_per_layer"],
+                bound_per_layer=reb["slot_lower_bound_per_layer"],
                 rebalance_seconds=statistics.median(run["rebalance"]["seconds"] for run in runs),
                 load_average=[min(min(run["load_average"]) for run in runs),
                               max(max(run["load_average"]) for run in runs)])
@@ -313,7 +321,9 @@ def table(result: dict[str, Any]) -> str:
              f"({result['steps_timed']['before']} steps before, {result['steps_timed']['after']} after in "
              f"each; 1-min load average {load[0]:.1f}-{load[1]:.1f}); the rebalance moved "
              f"{result['experts_moved']} experts, {result['bytes'] / 2**20:.1f} MiB in "
-             f"{result['rebalance_seconds']:.3f} s", "",
+             f"{result['rebalance_seconds']:.3f} s; planned max/mean per layer "
+             f"{', '.join(f'{x:.3f}' for x in result['planned_per_layer'])}, slot-aware lower bound "
+             f"{', '.join(f'{x:.3f}' for x in result['bound_per_layer'])}", "",
              "| metric | before | after | after/before |", "|---|---:|---:|---:|"]
     for key, label, fmt in ROWS:
         lines.append(f"| {label} | {fmt.format(result['before'][key])} | {fmt.format(result['after'][key])} "
