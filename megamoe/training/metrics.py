@@ -169,7 +169,8 @@ def robust_peak_tflops(n: int = CPU_PEAK_N, reps: int = 5, dtype: torch.dtype = 
     arithmetic without timing anything."""
     threads = threads or torch.get_num_threads()
     if gemm is None:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        rng = torch.Generator().manual_seed(0)  # not the global generator the run's RNG state is
+        a, b = torch.randn(n, n, dtype=dtype, generator=rng), torch.randn(n, n, dtype=dtype, generator=rng)
         out = torch.empty(n, n, dtype=dtype)
 
         def gemm() -> object:
