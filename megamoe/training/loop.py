@@ -250,6 +250,8 @@ class Trainer:
                 self.history.append(rec)
                 self.logger.log_iteration(rec)
                 it = rec["iteration"]
+                if rec.get("moe_experts_moved"):
+                    self.logger.info(_rebalance_line(rec))
                 if it % t.eval_interval == 0:
                     loss = self.evaluate()
                     if loss is not None:
@@ -267,3 +269,11 @@ class Trainer:
         finally:
             self._restore_signal_handlers()
         return self.history
+
+
+def _rebalance_line(rec: dict[str, Any]) -> str:
+    """The console line of an iteration whose rebalance moved experts."""
+    return (f" > rebalanced experts after iteration {rec['iteration']}: {rec['moe_experts_moved']} moved "
+            f"({rec['moe_rebalance_bytes'] / 2**20:.2f} MiB, {rec['moe_rebalance_seconds']:.3f} s); EP-rank "
+            f"load max/mean {rec['moe_rank_imbalance_before']:.3f} -> {rec['moe_rank_imbalance_after']:.3f} "
+            "(worst layer)")
