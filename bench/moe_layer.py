@@ -7,6 +7,14 @@ Candidates, interleaved round-robin per repetition so machine noise hits them al
   implementations (``config._experts_implementation``). Mixtral's SwiGLU expert has 3*H*I_m
   parameters against OpenMoE's 4*H*I, so it gets I_m = 4*I/3 rounded to a multiple of 8 (about
   the same FLOPs; GFLOP/s uses each implementation's own count);
+- deepspeed: DeepSpeed's ``deepspeed.moe.layer.MoE`` (GShard-style TopKGate + MOELayer, one rank, gloo
+  process group of size 1, ep_size 1) with an OpenMoE-shaped expert (x1 * silu(x2) * up, 4*H*I
+  parameters, plain torch ops), the same router weights, k=2, ``drop_tokens=False`` (dropless like
+  ours: capacity = the busiest expert's count, every expert's buffer padded to it) and
+  ``top2_2nd_expert_sampling=False`` (the 2nd expert is the 2nd-largest probability, as ours; the
+  default samples it with Gumbel noise). DeepSpeed renormalises the top-2 weights (OpenMoE does not);
+  checked against ours built with ``renormalize=True`` and the same weights. Bench-only dependency,
+  imported here only when the candidate runs (``pip install deepspeed``; skipped if missing);
 - dense-ceiling: the same expert FLOPs as three plain GEMMs with autograd (x[T*k, H] @ [H, 2I],
   x @ [H, I], [T*k, I] @ [I, H]) and nothing else: what the layer would cost with free routing.
 
@@ -112,6 +120,79 @@ def make_mixtral(args: argparse.Namespace, impl: str, gate_weight: torch.Tensor)
     return block.train()
 
 
+class OpenMoEExpert(nn.Module):
+    """One OpenMoE gated FFN as a DeepSpeed user would write it: x1 * silu(x2) * up, then down."""
+
+    def __init__(self, hidden: int, ffn: int) -> None:
+        super().__init__()
+        self.wi_gate = nn.Linear(hidden, 2 * ffn, bias=False)
+        self.wi_up = nn.Linear(hidden, ffn, bias=False)
+        self.wo = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.wi_gate(x).chunk(2, dim=-1)
+        return self.wo(x1 * torch.nn.functional.silu(x2) * self.wi_up(x))
+
+
+def init_gloo_single() -> None:
+    """A one-rank gloo process group through deepspeed.comm (its MoE builds its expert groups there)."""
+    import os
+
+    import deepspeed
+
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(29500 + os.getpid() % 20000)),
+                       ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+
+class DeepSpeedMoE(nn.Module):
+    """deepspeed.moe.layer.MoE returning only the output (its l_aux / counts are dropped, as the other
+    candidates' router losses are not in the timed gradient either)."""
+
+    def __init__(self, args: argparse.Namespace, ours: MoELayer) -> None:
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        init_gloo_single()
+        self.moe = MoE(args.hidden, OpenMoEExpert(args.hidden, args.ffn), num_experts=args.experts,
+                       ep_size=1, k=args.topk, drop_tokens=False, use_rts=False,
+                       top2_2nd_expert_sampling=False)
+        self.moe.set_deepspeed_parallelism()
+        with torch.no_grad():  # same router and expert weights as ours (nn.Linear stores [out, in])
+            self.moe.deepspeed_moe.gate.wg.weight.copy_(ours.gate_weight)
+            for e, mod in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
+                mod.wi_gate.weight.copy_(ours.experts.wi_gate[e].t())
+                mod.wi_up.weight.copy_(ours.experts.wi_up[e].t())
+                mod.wo.weight.copy_(ours.experts.wo[e].t())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moe(x)[0]
+
+
+def make_deepspeed(args: argparse.Namespace, ours: MoELayer, x: torch.Tensor) -> nn.Module | None:
+    """DeepSpeed's layer with ours' weights, checked against ours with renormalised top-k weights
+    (DeepSpeed's top-2 combine); None (with a note) when deepspeed is not installed."""
+    try:
+        import deepspeed.moe.layer  # noqa: F401
+    except Exception as exc:  # ImportError, or an accelerator probe failing
+        print(f"deepspeed candidate skipped: {type(exc).__name__}: {exc}")
+        return None
+    block = DeepSpeedMoE(args, ours).train()
+    cfg = MoEConfig(num_experts=args.experts, router_topk=args.topk)
+    ref = MoELayer(1, args.hidden, args.ffn, cfg, 0.02, 0.01, MoEStats(), renormalize=True)
+    ref.load_state_dict(ours.state_dict())
+    xs = x[:, :512].detach()
+    with torch.no_grad():
+        torch.testing.assert_close(block(xs), ref(xs), rtol=1e-4, atol=1e-5)
+        counts = block.moe(x)[2]
+    print(f"deepspeed: dropless capacity = busiest expert's {int(counts.max())} rows, so its experts run "
+          f"{args.experts * int(counts.max())} rows for {args.tokens * args.topk} assignments "
+          f"({args.experts * int(counts.max()) / (args.tokens * args.topk):.2f}x; GFLOP/s counts the "
+          "assignments)")
+    return block
+
+
 def dense_ceiling_step(args: argparse.Namespace) -> Step:
     """Three GEMMs of the expert FLOPs, fwd+bwd by autograd on plain tensors."""
     gen = torch.Generator().manual_seed(args.seed)
@@ -174,6 +255,7 @@ def build(args: argparse.Namespace) -> tuple[dict[str, tuple[Step, float]], MoEL
     check_ours(grouped, loop, x, gy)
     hf = {impl: make_mixtral(args, impl, grouped.gate_weight.detach()) for impl in ("eager", "grouped_mm")}
     check_mixtral(list(hf.values()), x)
+    ds = None if "deepspeed" in skip else make_deepspeed(args, grouped, x)
     steps: dict[str, tuple[Step, float]] = {
         "ours-grouped": (backward_step(grouped, x, gy), ours_flops),
         "ours-loop": (backward_step(loop, x, gy), ours_flops),
@@ -181,6 +263,8 @@ def build(args: argparse.Namespace) -> tuple[dict[str, tuple[Step, float]], MoEL
         "hf-mixtral-grouped_mm": (backward_step(hf["grouped_mm"], x, gy), hf_flops),
         "dense-ceiling": (dense_ceiling_step(args), ours_flops),
     }
+    if ds is not None:
+        steps["deepspeed"] = (backward_step(ds, x, gy), ours_flops)
     return {k: v for k, v in steps.items() if k not in skip}, grouped, x
 
 
@@ -225,6 +309,9 @@ def summary(by: dict[str, Result]) -> dict[str, float]:
         out["speedup_vs_fastest_hf"] = ours.gflops / best.gflops  # FLOP-normalised
         parts.append(f"ours vs fastest transformers: {out['speedup_vs_fastest_hf']:.2f}x faster "
                      f"({best.name}, FLOP-normalised)")
+    if "deepspeed" in by:
+        out["speedup_vs_deepspeed"] = ours.gflops / by["deepspeed"].gflops
+        parts.append(f"ours vs deepspeed: {out['speedup_vs_deepspeed']:.2f}x faster")
     if "dense-ceiling" in by:
         out["time_vs_dense_ceiling"] = ours.median / by["dense-ceiling"].median
         parts.append(f"ours vs dense-GEMM ceiling: {out['time_vs_dense_ceiling']:.2f}x")
@@ -278,7 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     steps, grouped, x = build(args)
-    print("correctness: ours grouped == ours loop (outputs, grads); hf eager == hf grouped_mm: OK")
+    print("correctness: ours grouped == ours loop (outputs, grads); hf eager == hf grouped_mm: OK"
+          + ("; deepspeed == ours with renormalised top-k (outputs): OK" if "deepspeed" in steps else ""))
     results = time_round_robin(steps, args.reps, args.warmup)
     summ = print_table(results, args)
     if args.profile:
