@@ -29,7 +29,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -46,10 +46,15 @@ class Result:
     name: str
     flops: float  # per fwd+bwd
     times_ms: list[float]
+    cpu_ms: list[float] = field(default_factory=list)  # process CPU time (one thread: the step's own)
 
     @property
     def median(self) -> float:
         return statistics.median(self.times_ms)
+
+    @property
+    def median_cpu(self) -> float:
+        return statistics.median(self.cpu_ms) if self.cpu_ms else float("nan")
 
     def quantile(self, q: float) -> float:
         ts = sorted(self.times_ms)
@@ -272,11 +277,12 @@ def time_round_robin(steps: dict[str, tuple[Step, float]], reps: int, warmup: in
     results = {name: Result(name, flops, []) for name, (_, flops) in steps.items()}
     for rep in range(warmup + reps):
         for name, (step, _) in steps.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
-            dt = (time.perf_counter() - t0) * 1e3
+            dt, dc = (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
             if rep >= warmup:
                 results[name].times_ms.append(dt)
+                results[name].cpu_ms.append(dc)
     return list(results.values())
 
 
@@ -288,12 +294,14 @@ def print_table(results: list[Result], args: argparse.Namespace) -> dict[str, fl
     print(f"Mixtral intermediate = 4*I/3 rounded to a multiple of 8 = {mixtral_ffn(args.ffn)} (~same FLOPs "
           "as OpenMoE's 4*H*I expert);\nGFLOP/s = each impl's own expert FLOPs (6*T*k*params per expert) / "
           "median time; router FLOPs (<1%) not counted\n")
-    print("| implementation | median ms fwd+bwd | p10 .. p90 ms | GFLOP/s | time / ours-grouped |")
-    print("|---|---:|---:|---:|---:|")
+    print("| implementation | median ms fwd+bwd | p10 .. p90 ms | GFLOP/s | time / ours-grouped "
+          "| median CPU ms | CPU / ours-grouped |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         ratio = f"{r.median / ref.median:.2f}x" if ref else "-"
+        cratio = f"{r.median_cpu / ref.median_cpu:.2f}x" if ref else "-"
         print(f"| {r.name} | {r.median:.1f} | {r.quantile(0.1):.1f} .. {r.quantile(0.9):.1f} "
-              f"| {r.gflops:.1f} | {ratio} |")
+              f"| {r.gflops:.1f} | {ratio} | {r.median_cpu:.1f} | {cratio} |")
     return summary(by)
 
 
@@ -374,7 +382,8 @@ def main(argv: list[str] | None = None) -> None:
         profile_ops(grouped, x)
     if args.json:
         payload = {"args": vars(args), "summary": summ,
-                   "results": [asdict(r) | {"median_ms": r.median, "gflops": r.gflops} for r in results]}
+                   "results": [asdict(r) | {"median_ms": r.median, "median_cpu_ms": r.median_cpu,
+                                                "gflops": r.gflops} for r in results]}
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
 
