@@ -131,11 +131,13 @@ class DistributedOptimizer:
                     master.grad = buffer.view(bucket, first, last)
                     self.pieces.append(MasterPiece(p, buffer, bucket, first, last, master))
                     (no_decay if p.ndim == 1 else decay).append(master)
-        on_gpu = any(piece.master.is_cuda for piece in self.pieces)
-        self.inner = torch.optim.AdamW(
-            [dict(params=decay, weight_decay=self.cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
-            lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), eps=self.cfg.adam_eps,
-            fused=True if on_gpu else None)
+        groups = [dict(params=decay, weight_decay=self.cfg.weight_decay),
+                  dict(params=no_decay, weight_decay=0.0)]
+        hyper = dict(lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), eps=self.cfg.adam_eps)
+        try:  # fused AdamW: one pass per tensor (CPU: ~7x the foreach step at 64M parameters; bench/README)
+            self.inner = torch.optim.AdamW(groups, fused=True, **hyper)
+        except RuntimeError:  # a device or torch without the fused kernel
+            self.inner = torch.optim.AdamW(groups, **hyper)
 
     # -- gradients --------------------------------------------------------------------------------
     def start_step(self, micro_batches: int) -> None:
