@@ -19,6 +19,12 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message is one line naming the flag."""
 
 
+def _te_available() -> bool:
+    from megamoe.moe.fp8 import te_available  # imports torch: only when --fp8-backend te asks
+
+    return te_available()
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -164,7 +170,7 @@ class MoEConfig:
                f"--fp8-amax-history-len must be >= 1, got {self.fp8_amax_history_len}")
         _check(self.fp8_format is not None or self.fp8_backend is None,
                "--fp8-backend needs --fp8-format e4m3 or hybrid (FP8 is off without it)")
-        _check(self.fp8_backend != "te" or _transformer_engine_on_cuda(),
+        _check(self.fp8_backend != "te" or _te_available(),
                "--fp8-backend te: Transformer Engine does not import here or there is no CUDA device; "
                "use --fp8-backend torch (torch float8, runs everywhere)")
 
@@ -423,14 +429,6 @@ class Config:
 
     def replace(self, **sections: object) -> Config:
         return dataclasses.replace(self, **sections)
-
-
-def _transformer_engine_on_cuda() -> bool:
-    import importlib.util
-
-    import torch
-
-    return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
 
 
 def validate_layout(cfg: Config, world_size: int) -> None:

@@ -180,31 +180,29 @@ class ProjectionFP8:
         if self.step_amax is not None:
             torch.maximum(self.step_amax[:, operand], amax, out=self.step_amax[:, operand])
 
+    def _group_scale(self, operand: int, amax: torch.Tensor) -> torch.Tensor:
+        """[G] scale per expert of ``operand`` whose amax this call is [G]: the history's (delayed:
+        the amax is recorded for the step) or this amax's own (tensorwise)."""
+        if self.recipe.recipe == "delayed":
+            self._record(operand, amax)
+            return self.scales[:, operand]
+        return pow2_scale(amax, FP8_MAX[self.recipe.dtype(operand)], self.recipe.margin)
+
     def rows(self, x: torch.Tensor, operand: int) -> Quantized:
         """x or dy: [N, K] quantised."""
-        dtype, r = self.recipe.dtype(operand), self.recipe.recipe
+        dtype = self.recipe.dtype(operand)
         unit = self.grad_divisor if operand == GRAD else 1.0  # x / unit: the layout-free values
-        if r == "blockwise":
+        if self.recipe.recipe == "blockwise":
             return quantize_row_tiles(x, dtype, unit=unit)
-        amax = group_amax(x, self.group_of_row, self.num_groups) / unit  # [G]
-        if r == "delayed":
-            self._record(operand, amax)
-            scale = self.scales[:, operand]
-        else:
-            scale = pow2_scale(amax, FP8_MAX[dtype], self.recipe.margin)
+        scale = self._group_scale(operand, group_amax(x, self.group_of_row, self.num_groups) / unit)
         return quantize_fp8(x, (scale / unit)[self.group_of_row].unsqueeze(1), dtype)
 
     def weight(self, w: torch.Tensor) -> Quantized:
         """w: [G, K, M] quantised."""
-        dtype, r = self.recipe.dtype(WEIGHT), self.recipe.recipe
-        if r == "blockwise":
+        dtype = self.recipe.dtype(WEIGHT)
+        if self.recipe.recipe == "blockwise":
             return quantize_weight_blocks(w, dtype)
-        amax = w.detach().abs().amax(dim=(1, 2)).float()  # [G]
-        if r == "delayed":
-            self._record(WEIGHT, amax)
-            scale = self.scales[:, WEIGHT]
-        else:
-            scale = pow2_scale(amax, FP8_MAX[dtype], self.recipe.margin)
+        scale = self._group_scale(WEIGHT, w.detach().abs().amax(dim=(1, 2)).float())
         return quantize_fp8(w, scale[:, None, None], dtype)
 
 

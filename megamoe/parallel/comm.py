@@ -190,6 +190,16 @@ def all_gather_rows(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor
     return out
 
 
+def merge_dicts(local: dict, group: ProcessGroup | None) -> dict:
+    """Every group member's (small, picklable) dict merged into one, the same on every member: e.g.
+    each pipeline stage's {layer: value}. A collective over ``group`` (None: a group of one)."""
+    if group_size(group) == 1:
+        return dict(local)
+    every: list[dict] = [{} for _ in range(group_size(group))]
+    dist.all_gather_object(every, local, group=group)
+    return {key: value for part in every for key, value in part.items()}
+
+
 def all_to_all_async(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
                      group: ProcessGroup) -> tuple[torch.Tensor, dist.Work]:
     """Start an uneven all-to-all (no autograd); returns (output buffer, work handle to wait on)."""

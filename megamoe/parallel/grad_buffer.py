@@ -122,11 +122,17 @@ class GroupLayout:
         layout.numel = offset
         return layout
 
-    def owned(self, bucket: Bucket) -> tuple[int, int]:
-        """Flat range [lo, hi) of ``bucket`` this rank owns (all of it without sharding)."""
+    def owned(self, bucket: Bucket, rank: int | None = None) -> tuple[int, int]:
+        """Flat range [lo, hi) of ``bucket`` this rank (or member ``rank``) owns (all of it without
+        sharding)."""
         per_rank = (bucket.end - bucket.start) // self.size
-        lo = bucket.start + self.rank * per_rank
+        lo = bucket.start + (self.rank if rank is None else rank) * per_rank
         return lo, lo + per_rank
+
+    def owner(self, position: int) -> tuple[Bucket, int]:
+        """The bucket holding flat ``position`` and the member that owns it."""
+        bucket = next(b for b in self.buckets if b.start <= position < b.end)
+        return bucket, (position - bucket.start) * self.size // (bucket.end - bucket.start)
 
 
 class GradBuffer:

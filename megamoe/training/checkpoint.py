@@ -32,6 +32,7 @@ from torch import nn
 
 from megamoe.config import Config
 from megamoe.moe.dispatcher import ExpertPlacement
+from megamoe.parallel.comm import merge_dicts
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.parallel.optimizer import DistributedOptimizer, StateShard
 from megamoe.params import is_expert, is_tp_split, role
@@ -140,7 +141,10 @@ def save_checkpoint(directory: str, state: TrainState, model: nn.Module, optimiz
     check_finite(list(model.named_parameters()), f"not saving iteration {state.iteration} to {directory}",
                  "the previous checkpoint is intact")  # before any collective: every rank or none
     step = optimizer.adam_step()
-    placements = _all_placements(model, mesh)  # a collective over PP: every rank, before any write
+    # every MoE layer's placement (the rebalancer moves each stage's own): a collective over PP, on
+    # every rank, before any write
+    local = model.placements() if hasattr(model, "placements") else {}
+    placements = merge_dicts(local, mesh.groups.get("pp"))
     failure = None
     try:  # a write error (a full disk) must not leave the peers waiting: agree on success first
         write_rank_file(os.path.join(tmp, f"rank_{rank:05d}.safetensors"), model, optimizer, mesh)
@@ -173,16 +177,6 @@ def _meta(state: TrainState, step: float, placements: dict[int, ExpertPlacement]
             str(layer): {"rank_of": list(p.rank_of), "slot_of": list(p.slot_of)}
             for layer, p in sorted(placements.items())}}
     return meta
-
-
-def _all_placements(model: nn.Module, mesh: ParallelMesh) -> dict[int, ExpertPlacement]:
-    """Every MoE layer's placement (the rebalancer moves each stage's own), gathered over PP."""
-    local = model.placements() if hasattr(model, "placements") else {}
-    if mesh.pp == 1:
-        return dict(local)
-    every: list[dict[int, ExpertPlacement]] = [{} for _ in range(mesh.pp)]
-    dist.all_gather_object(every, dict(local), group=mesh.groups["pp"])
-    return {layer: p for stage in every for layer, p in stage.items()}
 
 
 def _first_failed_rank(failed: bool, rank: int, world: int) -> int | None:

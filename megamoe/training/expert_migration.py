@@ -93,14 +93,11 @@ def _owner_cuts(buffer: GradBuffer | None, start: int, length: int) -> list[tupl
     [(offset from start, owner index)]; owner None: every replica owns it (not sharded)."""
     if buffer is None or not buffer.sharded:
         return [(0, None)]
-    layout = buffer.layout
-    bucket = next(b for b in layout.buckets if b.start <= start < b.end)
-    per_rank = (bucket.end - bucket.start) // layout.size
     cuts, position = [], start
     while position < start + length:
-        owner = (position - bucket.start) // per_rank
+        bucket, owner = buffer.layout.owner(position)
         cuts.append((position - start, owner))
-        position = bucket.start + (owner + 1) * per_rank
+        position = buffer.layout.owned(bucket, owner)[1]  # the next owner's first position
     return cuts
 
 
@@ -161,7 +158,7 @@ class ExpertMigration:
         then route through the new tables. Returns the bytes this rank sent."""
         me = self.mesh.rank
         outgoing: dict[tuple[int, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-        incoming: dict[tuple[int, torch.dtype], list[tuple[_Item, torch.Tensor]]] = defaultdict(list)
+        incoming: dict[tuple[int, torch.dtype], list[torch.Tensor]] = defaultdict(list)  # targets
         for moe, new in changes.items():
             for item in self._items(moe, placement_moves(moe.placement, new)):
                 if item.sender == me:
@@ -169,18 +166,18 @@ class ExpertMigration:
                     outgoing[(item.receiver, values.dtype)].append(values)
                 if item.receiver == me:
                     target = self._values(item, item.dst_offset)
-                    incoming[(item.sender, target.dtype)].append((item, target))
+                    incoming[(item.sender, target.dtype)].append(target)
         sends = {key: torch.cat(parts) for key, parts in outgoing.items()}  # packed before any write
-        receives = {key: torch.empty(sum(t.numel() for _, t in parts), dtype=key[1],
-                                     device=parts[0][1].device) for key, parts in incoming.items()}
+        receives = {key: torch.empty(sum(t.numel() for t in targets), dtype=key[1], device=targets[0].device)
+                    for key, targets in incoming.items()}
         ops = [dist.P2POp(dist.isend, buf, peer) for (peer, _), buf in sorted(sends.items(), key=_order)]
         ops += [dist.P2POp(dist.irecv, buf, peer) for (peer, _), buf in sorted(receives.items(), key=_order)]
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
-        for key, parts in incoming.items():
+        for key, targets in incoming.items():
             position = 0
-            for _, target in parts:
+            for target in targets:
                 target.copy_(receives[key][position:position + target.numel()])
                 position += target.numel()
         for moe, new in changes.items():

@@ -64,11 +64,12 @@ class Trainer:
     rebalancer: ExpertRebalancer | None = None  # expert loads (logged) and --moe-rebalance-interval
 
     def __post_init__(self) -> None:
-        self._fp8_experts = [module for module in self.model.modules()
-                             if hasattr(module, "fp8_amax_history")]  # delayed-scaling expert modules
-        for module in self.model.modules():  # FP8 gradients are scaled as the global loss's
-            if hasattr(module, "fp8_grad_divisor"):
+        self._fp8_experts = []  # delayed-scaling expert modules, whose history finish_fp8_step pushes
+        for module in self.model.modules():
+            if hasattr(module, "fp8_grad_divisor"):  # FP8 gradients are scaled as the global loss's
                 module.fp8_grad_divisor = float(expert_grad_divisor(self.mesh, self.cfg))
+            if hasattr(module, "fp8_amax_history"):
+                self._fp8_experts.append(module)
         m = self.cfg.model
         if any(self.cfg.moe.is_moe_layer(layer) for layer in range(m.num_layers)):  # on every stage:
             self.rebalancer = ExpertRebalancer(self.cfg, self.model, self.optimizer, self.mesh)  # collectives

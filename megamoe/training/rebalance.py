@@ -26,6 +26,7 @@ from megamoe.config import Config
 from megamoe.model.openmoe import StageModel
 from megamoe.moe.layer import MoEStats
 from megamoe.moe.placement_plan import max_over_mean, plan_placement
+from megamoe.parallel.comm import merge_dicts
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.parallel.optimizer import DistributedOptimizer
 from megamoe.training.expert_migration import ExpertMigration, placement_moves
@@ -118,7 +119,9 @@ class ExpertRebalancer:
             longest = totals[2:].clone()
             dist.all_reduce(longest, op=dist.ReduceOp.MAX)
             totals = torch.cat([sums, longest])
-        before, after = _over_stages(self.mesh, before), _over_stages(self.mesh, after)
+        pairs = {layer: (before[layer], after[layer]) for layer in before}
+        pairs = merge_dicts(pairs, self.mesh.groups.get("pp"))  # every stage's layers
+        before, after = ({layer: pair[i] for layer, pair in pairs.items()} for i in (0, 1))
         return dict(moe_experts_moved=int(totals[0]), moe_rebalance_bytes=int(totals[1]),
                     moe_rebalance_seconds=float(totals[2]),
                     moe_rank_load_before=[before[layer] for layer in sorted(before)],
@@ -134,17 +137,10 @@ class ExpertRebalancer:
         """Per-layer, per-expert loads of the last ``steps`` steps and where each expert is now, for
         the metrics file (every MoE layer of the model, gathered over PP)."""
         loads = self.load.loads(steps)
-        ranks = {layer: list(moe.placement.rank_of) for layer, moe in self.model.moe_layers().items()}
-        loads, ranks = _over_stages(self.mesh, loads), _over_stages(self.mesh, ranks)
-        layers = sorted(loads)
-        return dict(moe_expert_load_layers=layers, moe_expert_load=[loads[layer] for layer in layers],
-                    moe_expert_rank=[ranks[layer] for layer in layers])
+        local = {layer: (loads[layer], list(moe.placement.rank_of))
+                 for layer, moe in self.model.moe_layers().items()}
+        merged = merge_dicts(local, self.mesh.groups.get("pp"))  # every stage's layers
+        layers = sorted(merged)
+        return dict(moe_expert_load_layers=layers, moe_expert_load=[merged[layer][0] for layer in layers],
+                    moe_expert_rank=[merged[layer][1] for layer in layers])
 
-
-def _over_stages(mesh: ParallelMesh, local: dict[int, Any]) -> dict[int, Any]:
-    """Merge every pipeline stage's {layer: value} (a collective over the PP group)."""
-    if mesh.pp == 1:
-        return local
-    every: list[dict[int, Any]] = [{} for _ in range(mesh.pp)]
-    dist.all_gather_object(every, local, group=mesh.groups["pp"])
-    return {layer: value for stage in every for layer, value in stage.items()}

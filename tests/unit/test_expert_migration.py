@@ -3,7 +3,7 @@
 from types import SimpleNamespace
 
 from megamoe.moe.dispatcher import ExpertPlacement
-from megamoe.parallel.grad_buffer import Bucket
+from megamoe.parallel.grad_buffer import Bucket, GroupLayout
 from megamoe.training.expert_migration import Move, _owner_cuts, _segments, placement_moves
 
 
@@ -22,7 +22,7 @@ def test_moved_to_keeps_stayers_in_their_slots():
 def test_owner_cuts_and_segments_split_a_slot_at_both_sides_boundaries():
     # a bucket of 40 positions [10, 50) sharded over 4 owners of 10 each: owner k has [10+10k, 20+10k)
     bucket = Bucket(10, 50, [])
-    buffer = SimpleNamespace(sharded=True, layout=SimpleNamespace(buckets=[bucket], size=4))
+    buffer = SimpleNamespace(sharded=True, layout=GroupLayout("expert", [], None, 4, 0, buckets=[bucket]))
     src = _owner_cuts(buffer, 14, 12)  # [14, 26): owner 0 for 6, owner 1 for 6
     dst = _owner_cuts(buffer, 27, 12)  # [27, 39): owner 1 for 3, owner 2 for 9
     assert src == [(0, 0), (6, 1)] and dst == [(0, 1), (3, 2)]
