@@ -74,10 +74,10 @@ class ExpertRebalancer:
     def due(self, iteration: int) -> bool:
         return self.interval > 0 and iteration % self.interval == 0
 
-    def _decide(self, loads: dict[int, list[int]]) -> dict[int, list[int]]:
+    def _decide(self, loads: dict[int, list[int]], before: dict[int, float]) -> dict[int, list[int]]:
         """{layer: new EP rank of each expert} for the layers worth moving, decided on the stage's
         first rank and broadcast over the stage (its DP x TP ranks) so that every rank migrates the
-        same."""
+        same. ``before``: each layer's predicted max/mean now."""
         layers = self.load.layers
         num_experts = len(next(iter(loads.values())))
         decision = torch.full((len(layers), num_experts), -1, dtype=torch.int64)
@@ -87,9 +87,8 @@ class ExpertRebalancer:
             for row, layer in enumerate(layers):
                 current = list(moe_layers[layer].placement.rank_of)
                 new = plan_placement(loads[layer], current, self.mesh.ep, ranks_per_node=self.ranks_per_node)
-                before = max_over_mean(loads[layer], current, self.mesh.ep)
                 after = max_over_mean(loads[layer], new, self.mesh.ep)
-                if new != current and before - after >= self.min_gain * before:
+                if new != current and before[layer] - after >= self.min_gain * before[layer]:
                     decision[row] = torch.tensor(new)
         if len(stage) > 1:
             dist.broadcast(decision, src=stage[0], group=self.mesh.groups["stage"])
@@ -103,7 +102,7 @@ class ExpertRebalancer:
         moe_layers = self.model.moe_layers()
         before = {layer: max_over_mean(loads[layer], moe_layers[layer].placement.rank_of, self.mesh.ep)
                   for layer in self.load.layers}
-        plans = self._decide(loads) if self.load.layers else {}
+        plans = self._decide(loads, before) if self.load.layers else {}
         changes = {moe_layers[layer]: moe_layers[layer].placement.moved_to(plans[layer])
                    for layer in sorted(plans)}
         moved = sum(len(placement_moves(moe.placement, new)) for moe, new in changes.items())
