@@ -15,6 +15,8 @@ What is measured, and why each is needed by :mod:`megamoe.planner.cost`:
   all-to-all (bytes each rank sends to the others) and all-reduce (bytes each rank sends in a ring,
   2 (W-1)/W x buffer) between W fork-started ranks, for every W asked: on a machine with fewer cores
   than ranks the ranks share cores, and the fit of that W says what a collective costs then.
+- ``optimizer_bytes_per_s``: AdamW state bytes (fp32 moments, 8 per parameter) a fused AdamW step
+  updates per second on one thread, 2M parameters.
 - ``cores``: os.cpu_count(); the cost model divides the compute rate by world_size / cores when ranks
   outnumber cores.
 """
@@ -62,6 +64,7 @@ class Calibration:
     model_gemm_tflops: float | None
     layer_overhead_s: float
     microbatch_overhead_s: float
+    optimizer_bytes_per_s: float
     cores: int
     alltoall: dict[int, LinkFit]  # by world size
     allreduce: dict[int, LinkFit]
@@ -205,6 +208,20 @@ def measure_overheads(reps: int = 5) -> tuple[float, float]:
     return per_layer, max(times[2] - 2 * per_layer, 0.0)
 
 
+def measure_optimizer(params: int = 1 << 21, reps: int = 5) -> float:
+    """Bytes of AdamW moments (8 per parameter) a fused AdamW step updates per CPU second."""
+    w = torch.nn.Parameter(torch.randn(params))
+    w.grad = torch.randn(params)
+    opt = torch.optim.AdamW([w], lr=1e-3, fused=True)
+    opt.step()  # allocates the moments
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.process_time()
+        opt.step()
+        best = min(best, time.process_time() - t0)
+    return 8 * params / max(best, 1e-9)
+
+
 def calibrate(world_sizes: Sequence[int] = (2, 4, 8), cfg: Config | None = None,
               log: Callable[[str], None] = print) -> Calibration:
     """Measure everything on this machine (one thread per rank, as training runs)."""
@@ -222,8 +239,9 @@ def calibrate(world_sizes: Sequence[int] = (2, 4, 8), cfg: Config | None = None,
             log(f" > model GEMM [{rows}, {m.hidden_size}] x "
                 f"[{m.hidden_size}, {m.ffn_hidden_size}]: {model_rate * 1e3:.1f} GFLOP/s per rank")
         layer_s, mb_s = measure_overheads()
+        adam = measure_optimizer()
         log(f" > fixed cost per layer forward+backward {layer_s * 1e3:.2f} ms, per micro-batch "
-            f"{mb_s * 1e3:.2f} ms")
+            f"{mb_s * 1e3:.2f} ms; AdamW {adam / 1e9:.2f} GB of moments per second")
     finally:
         torch.set_num_threads(previous)
     a2a, ar = {}, {}
@@ -233,5 +251,6 @@ def calibrate(world_sizes: Sequence[int] = (2, 4, 8), cfg: Config | None = None,
             f"{a2a[world].bandwidth_gbs:.2f} GB/s, all-reduce {ar[world].latency_s * 1e6:.0f} us + "
             f"{ar[world].bandwidth_gbs:.2f} GB/s per rank")
     return Calibration(gemm_tflops=peak, model_gemm_tflops=model_rate, layer_overhead_s=layer_s,
-                       microbatch_overhead_s=mb_s, cores=os.cpu_count() or 1, alltoall=a2a, allreduce=ar,
+                       microbatch_overhead_s=mb_s, optimizer_bytes_per_s=adam, cores=os.cpu_count() or 1,
+                       alltoall=a2a, allreduce=ar,
                        measured=time.strftime("%Y-%m-%d %H:%M:%S"))
