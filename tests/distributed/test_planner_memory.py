@@ -147,7 +147,7 @@ def _held_outside_hooks(cfg: Any, hidden: torch.Tensor | None) -> int:
     (2, [EP, "2"]),
     (2, [TP, "2"]),  # TP-deduplicated exchange
     (2, [TP, "2"] + SP),
-    (2, [PP, "2", EP, "2"]),
+    (4, [PP, "2", EP, "2"]),
     (2, [EP, "2", "--moe-capacity-factor", "1.0"]),
     (1, ["--recompute-granularity", "full"]),
     (1, ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "2"]),
@@ -161,7 +161,7 @@ def test_saved_activations_within_10_percent(world, extra):
     for v, real in measured:
         predicted = chunk_activation_bytes(cfg, world, v).saved
         assert predicted == pytest.approx(real, rel=0.10), (v, predicted, real)
-    if "full" in extra:  # recompute keeps only segment inputs: far below the plain model
+    if "full" in extra and "block" not in extra:  # only the layers' inputs: far below the plain model
         plain = chunk_activation_bytes(parse_args(TINY_ARGS), 1, 0).saved
         assert all(real < 0.5 * plain for _, real in measured)
 
