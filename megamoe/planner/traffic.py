@@ -24,17 +24,18 @@ reduce-scatter (n-1)/n x S_total in n-1 messages, where S_total is the gathered 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from megamoe.config import Config, ConfigError
+from megamoe.config import Config, ConfigError, stage_layer_ranges
 from megamoe.moe.router import expert_capacity
 from megamoe.parallel.mesh import ParallelMesh
 
-__all__ = ["ExchangeTraffic", "Traffic", "exchange_traffic", "expected_counts", "expected_exchange_traffic",
-           "layout_mesh"]
+__all__ = ["CategoryTraffic", "Collective", "ExchangeTraffic", "StepTraffic", "Traffic", "exchange_traffic",
+           "expected_counts", "expected_exchange_traffic", "layout_mesh", "step_collectives", "step_traffic"]
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,9 @@ class ExchangeTraffic:
     dispatch / combine: the forward all-to-all(s) out to the experts and back; backward mirrors them
     (each rank sends back the gradients of what it received), so it sends as much again.
     tp_gather: under TP-dedup, the forward all-gather over TP of the [T, H] outputs (each TP rank
-    dispatched 1/TP of the tokens); backward all-gathers the input gradient, the same size.
-    counts_gather: the all-gather over EP of every rank's [K, E] int64 row counts (the split sizes).
+    dispatched 1/TP of the tokens). counts_gather: the forward all-gathers of routing metadata (every
+    rank's [K, E] int64 row counts over EP; the routing choices over TP under SP). Their backward
+    collectives are in :func:`step_collectives`.
     """
 
     dispatch: Traffic = Traffic()
@@ -96,15 +98,6 @@ class ExchangeTraffic:
     def all_to_all(self) -> Traffic:
         """Forward dispatch + combine: what megamoe's ``a2a_*`` counters (MoEStats.comm) report."""
         return self.dispatch + self.combine
-
-    @property
-    def forward(self) -> Traffic:
-        return _sum(self._parts())
-
-    @property
-    def backward(self) -> Traffic:
-        """Mirrored all-to-alls + the input-gradient all-gather of TP-dedup (counts are not resent)."""
-        return self.all_to_all + self.tp_gather
 
     def counters(self) -> dict[str, float]:
         """:attr:`all_to_all` under the keys of ``CommCounters.as_dict`` (the training records')."""
@@ -135,6 +128,35 @@ def _nodes(mesh: ParallelMesh) -> np.ndarray:
     return np.array([mesh.node_of(r) for r in range(mesh.world_size)])
 
 
+@dataclass(frozen=True)
+class Collective:
+    """One collective (or point-to-point send) as a rank runs it. op: all_reduce, all_gather,
+    reduce_scatter or send; group: the mesh group it runs over (tp, dp, edp, ep, pp); nbytes: the
+    tensor each rank passes (all_reduce, send) or the gathered tensor (all_gather, reduce_scatter);
+    peer: +1 / -1 for a send to the next / previous pipeline rank; count: times per step."""
+
+    op: str
+    group: str
+    nbytes: float
+    count: float = 1
+    peer: int = 0
+
+    def ring_bytes(self, n: int) -> float:
+        """Bytes one rank sends per call in a ring over n ranks (n - 1 steps each way):
+        all-reduce 2(n-1)/n x S (reduce-scatter then all-gather), all-gather / reduce-scatter
+        (n-1)/n x S of the gathered S, send S."""
+        if self.op == "send":
+            return self.nbytes
+        if n < 2:
+            return 0.0
+        return (2 if self.op == "all_reduce" else 1) * (n - 1) / n * self.nbytes
+
+    def ring_msgs(self, n: int) -> int:
+        if self.op == "send":
+            return 1
+        return 0 if n < 2 else (2 if self.op == "all_reduce" else 1) * (n - 1)
+
+
 class _Sends:
     """Per-rank accumulator of point-to-point sends: [world, 4] = bytes intra/inter, msgs intra/inter."""
 
@@ -152,14 +174,18 @@ class _Sends:
             np.add.at(self.acc[:, col], m, (rows * mask).sum(1) * scale)
             np.add.at(self.acc[:, col + 2], m, mask.sum(1))
 
-    def ring(self, members: Sequence[int], nbytes: float, msgs: int) -> None:
-        """Each member sends ``nbytes`` in ``msgs`` messages to its ring successor (members in order)."""
-        if len(members) < 2 or msgs == 0:
+    def collective(self, members: Sequence[int], coll: Collective, only: int | None = None) -> None:
+        """Every member (or only rank ``only``) runs ``coll``: a ring over ``members`` in order, each
+        sending to its successor; a send goes to the member ``coll.peer`` places away."""
+        n = len(members)
+        nbytes, msgs = coll.ring_bytes(n) * coll.count, coll.ring_msgs(n) * coll.count
+        if n < 2 or msgs == 0:
             return
         for i, rank in enumerate(members):
-            inter = int(self.nodes[members[(i + 1) % len(members)]] != self.nodes[rank])
-            self.acc[rank, inter] += nbytes
-            self.acc[rank, 2 + inter] += msgs
+            if only is None or rank == only:
+                inter = int(self.nodes[members[(i + (coll.peer or 1)) % n]] != self.nodes[rank])
+                self.acc[rank, inter] += nbytes
+                self.acc[rank, 2 + inter] += msgs
 
     def traffic(self, rank: int) -> Traffic:
         row = self.acc[rank]
@@ -245,36 +271,47 @@ def exchange_traffic(cfg: Config, world_size: int, ranks_per_node: int, counts: 
     counts = _check_counts(cfg, world_size, np.asarray(counts))
     rank_of = _placement(cfg, placement)
     ep, nodes = mesh.ep, _nodes(mesh)
-    dispatch, combine, gathers = _Sends(nodes), _Sends(nodes), _Sends(nodes)
+    dispatch, combine = _Sends(nodes), _Sends(nodes)
     row_bytes = _row_bytes(cfg)
     to_rank = np.eye(ep)[rank_of]  # [E, EP] one-hot: expert -> its EP index
-    for members in mesh.grids()["ep"]:
-        if ep == 1:
-            break
+    for members in mesh.grids()["ep"] if ep > 1 else []:
         n_nodes = len({mesh.node_of(r) for r in members}) if cfg.parallel.moe_hierarchical_alltoall else 1
         for chunk in range(counts.shape[1]):
             blocks = counts[members, chunk] @ to_rank  # [EP source, EP destination]
             _add_exchange(dispatch, combine, members, blocks, n_nodes, row_bytes)
-        # all_gather_rows of the [K, E] int64 counts: a ring all-gather
-        gathers.ring(members, (ep - 1) * counts.shape[1] * cfg.moe.num_experts * 8, ep - 1)
-    tp_gathers = _tp_dedup_gathers(cfg, mesh, nodes)
-    return [ExchangeTraffic(dispatch.traffic(r), combine.traffic(r), tp_gathers.traffic(r),
-                            gathers.traffic(r)) for r in range(world_size)]
+    extras = {}
+    for name, (colls, _) in _exchange_collectives(cfg, counts.shape[1]).items():
+        extras[name] = _Sends(nodes)
+        for coll in colls:
+            for members in mesh.grids()[coll.group]:
+                extras[name].collective(members, coll)
+    return [ExchangeTraffic(dispatch.traffic(r), combine.traffic(r), extras["tp_gather"].traffic(r),
+                            extras["metadata"].traffic(r)) for r in range(world_size)]
+
+
+def _exchange_collectives(cfg: Config, chunks: int) -> dict[str, tuple[list[Collective], list[Collective]]]:
+    """(forward, backward) collectives of one MoE layer call besides its all-to-alls: ``tp_gather``,
+    under TP-dedup the all-gather over TP of the [T, H] output (T = micro-batch tokens) and, in
+    backward, of the input gradient [T, H] and of the fp32 combine weights' gradient [T, k];
+    ``metadata``, the all-gather over EP of each rank's [K, E] int64 row counts and, under SP, the
+    all-gather over TP of the [b, s/TP, k] int64 routing choices."""
+    p, moe = cfg.parallel, cfg.moe
+    tokens = cfg.train.micro_batch_size * cfg.model.seq_length
+    out: dict[str, tuple[list[Collective], list[Collective]]] = {"tp_gather": ([], []), "metadata": ([], [])}
+    if _dedup_active(cfg):
+        rows = Collective("all_gather", "tp", tokens * _row_bytes(cfg))
+        out["tp_gather"] = ([rows], [rows, Collective("all_gather", "tp", tokens * moe.router_topk * 4)])
+    if p.expert_model_parallel_size > 1:
+        ep = p.expert_model_parallel_size
+        out["metadata"][0].append(Collective("all_gather", "ep", ep * chunks * moe.num_experts * 8))
+    if p.sequence_parallel:
+        out["metadata"][0].append(Collective("all_gather", "tp", tokens * moe.router_topk * 8))
+    return out
 
 
 def _dedup_active(cfg: Config) -> bool:
     p = cfg.parallel
     return p.tensor_model_parallel_size > 1 and not p.sequence_parallel and p.moe_tp_dedup
-
-
-def _tp_dedup_gathers(cfg: Config, mesh: ParallelMesh, nodes: np.ndarray) -> _Sends:
-    """TP-dedup's forward all-gather of the layer output [T, H] (T = micro-batch tokens) over TP."""
-    sends = _Sends(nodes)
-    if _dedup_active(cfg):
-        tp, tokens = mesh.tp, cfg.train.micro_batch_size * cfg.model.seq_length
-        for members in mesh.grids()["tp"]:
-            sends.ring(members, (tp - 1) * (tokens // tp) * _row_bytes(cfg), tp - 1)
-    return sends
 
 
 def _dispatched_tokens(cfg: Config, tokens: int) -> int:
@@ -332,3 +369,312 @@ def expected_exchange_traffic(cfg: Config, world_size: int, ranks_per_node: int,
     tokens per expert some pairs may in fact send nothing: an upper bound on messages)."""
     counts = expected_counts(cfg, world_size, tokens_per_rank, expert_load)
     return exchange_traffic(cfg, world_size, ranks_per_node, counts, placement)
+
+
+# -- the whole step ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CategoryTraffic:
+    """One category's traffic of one rank per step. forward / backward: sent during the forward and
+    backward passes (gradient reductions count as backward: they run during it with
+    --overlap-grad-reduce, right after it otherwise); recompute: forward collectives run again by
+    --recompute-granularity full (during backward; megamoe's counters do not count them);
+    optimizer: after backward, the ZeRO parameter all-gather (overlapping the next forward with
+    --overlap-param-gather)."""
+
+    forward: Traffic = Traffic()
+    backward: Traffic = Traffic()
+    recompute: Traffic = Traffic()
+    optimizer: Traffic = Traffic()
+
+    @property
+    def total(self) -> Traffic:
+        return self.forward + self.backward + self.recompute + self.optimizer
+
+
+@dataclass(frozen=True)
+class StepTraffic:
+    """Everything one rank sends in one training step (``global_batch / (micro_batch x DP)``
+    micro-batches), by category; bytes and messages, intra / inter node.
+
+    expert_exchange: the MoE all-to-alls (forward = megamoe's a2a counters; backward mirrors them).
+    expert_tp_gather: TP-dedup's all-gathers over TP of each MoE layer's output / input gradient.
+    expert_metadata: all-gathers of the per-expert row counts over EP and, under SP, of the routing
+      choices over TP (int64; small).
+    tensor_parallel: TP all-reduces (no SP) or all-gathers / reduce-scatters (SP) of the [b, s, h]
+      activations entering and leaving attention and dense MLPs, the embedding and LM head, and the
+      vocab-parallel cross-entropy's two fp32 all-reduces ([N] max, [2, N] target logit and sum).
+    pipeline: point-to-point activations forward, their gradients backward, [b, s(/TP under SP), h].
+    dense_grad / expert_grad: gradient buckets summed over DP / expert-DP: all-reduce, or with
+      --use-distributed-optimizer reduce-scatter (ZeRO-2: every micro-batch) + the parameter
+      all-gather after the step (in ``optimizer``).
+    sp_grad: under SP, the all-reduce over TP of the owned gradients of norms and router gates.
+    Not modelled: scalar reductions (losses, grad norm, stop flags), a few bytes per step.
+    """
+
+    expert_exchange: CategoryTraffic = CategoryTraffic()
+    expert_tp_gather: CategoryTraffic = CategoryTraffic()
+    expert_metadata: CategoryTraffic = CategoryTraffic()
+    tensor_parallel: CategoryTraffic = CategoryTraffic()
+    pipeline: CategoryTraffic = CategoryTraffic()
+    dense_grad: CategoryTraffic = CategoryTraffic()
+    expert_grad: CategoryTraffic = CategoryTraffic()
+    sp_grad: CategoryTraffic = CategoryTraffic()
+
+    @property
+    def total(self) -> Traffic:
+        return _sum([getattr(self, f.name).total for f in dataclasses.fields(self)])
+
+
+
+
+# Collectives by category and phase: {category: {phase: [Collective]}}
+Plan = dict[str, dict[str, list[Collective]]]
+
+
+def _act_bytes(cfg: Config) -> int:
+    """Bytes of one micro-batch's full-sequence activation [b, s, h] in the compute dtype."""
+    return cfg.train.micro_batch_size * cfg.model.seq_length * _row_bytes(cfg)
+
+
+def _tp_region(cfg: Config) -> tuple[list[Collective], list[Collective]]:
+    """(forward, backward) collectives of one TP region (enter, column-parallel, row-parallel, exit:
+    megamoe.parallel.tensor.TPContext) per micro-batch. Without SP, enter = copy (backward all-reduce)
+    and exit = all-reduce (forward); with SP, enter all-gathers the sequence (backward
+    reduce-scatter) and exit reduce-scatters it (backward all-gather)."""
+    act = _act_bytes(cfg)
+    if cfg.parallel.sequence_parallel:
+        return ([Collective("all_gather", "tp", act), Collective("reduce_scatter", "tp", act)],
+                [Collective("reduce_scatter", "tp", act), Collective("all_gather", "tp", act)])
+    return [Collective("all_reduce", "tp", act)], [Collective("all_reduce", "tp", act)]
+
+
+def _stage_chunks(cfg: Config, mesh: ParallelMesh, pp_rank: int) -> tuple[list[int], list[range]]:
+    """(virtual stages v = chunk x PP + pp_rank held by this pipeline rank, every stage's layers)."""
+    p = cfg.parallel
+    vp = p.virtual_stages(cfg.model.num_layers)
+    ranges = stage_layer_ranges(cfg.model.num_layers, mesh.pp, vp, p.decoder_first_pipeline_num_layers,
+                                p.decoder_last_pipeline_num_layers)
+    return [c * mesh.pp + pp_rank for c in range(vp)], ranges
+
+
+def _recomputed(cfg: Config, layers: range) -> tuple[set[int], set[int]]:
+    """(layers of one chunk whose forward --recompute-granularity full runs again in backward, the last
+    layer of each recomputed segment). torch's non-reentrant checkpoint stops a recomputation once
+    the last tensor saved for backward is back, so a segment's final collectives, whose results
+    nothing saves (a TP exit, TP-dedup's output gather), do not run again."""
+    t = cfg.train
+    if t.recompute_granularity != "full":
+        return set(), set()
+    from megamoe.training.recompute import full_recompute_segments
+
+    segments = [[int(k) for k in keys] for keys, again in full_recompute_segments(
+        [str(i) for i in layers], t.recompute_method, t.recompute_num_layers) if again]
+    return {i for seg in segments for i in seg}, {seg[-1] for seg in segments}
+
+
+def _layer_plan(cfg: Config, layer: int, n_mb: int, again: bool, last: bool, plan: Plan) -> None:
+    """TP collectives of one decoder layer over the step (n_mb micro-batches): attention and dense
+    MLPs each one TP region; an MoE layer's own (TP-dedup gather, SP routing gather) are added with
+    the exchange. ``again``: the forward runs a second time (full recompute), ``last``: the final one
+    of its recomputed segment (the last region's exit is not re-run)."""
+    if cfg.parallel.tensor_model_parallel_size == 1:
+        return
+    is_moe = cfg.moe.is_moe_layer(layer)
+    ends_dense = not is_moe or cfg.model.model_family != "mixtral"  # a dense MLP closes the layer
+    regions = 1 + ends_dense  # attention; the MLP or OpenMoE's extra MLP
+    fwd, bwd = _tp_region(cfg)
+    tp = plan["tensor_parallel"]
+    tp["forward"] += [dataclasses.replace(c, count=regions * n_mb) for c in fwd]
+    tp["backward"] += [dataclasses.replace(c, count=regions * n_mb) for c in bwd]
+    if again:
+        skipped = int(last and ends_dense)
+        tp["recompute"] += [dataclasses.replace(c, count=(regions - skipped * (c is fwd[-1])) * n_mb)
+                            for c in fwd]
+
+
+def _ends_plan(cfg: Config, first: bool, last: bool, n_mb: int, plan: Plan) -> None:
+    """TP collectives of the embedding (exit of a vocab-parallel lookup) and of the LM head (enter)
+    with the vocab-parallel cross-entropy (fp32 all-reduces of [N] maxima and [2, N] target logits
+    and sums, N = b x s) per step."""
+    if cfg.parallel.tensor_model_parallel_size == 1:
+        return
+    fwd, bwd = _tp_region(cfg)
+    tokens = cfg.train.micro_batch_size * cfg.model.seq_length
+    tp = plan["tensor_parallel"]
+    if first:  # exit only: forward all-reduce (SP: reduce-scatter; backward all-gather)
+        tp["forward"].append(dataclasses.replace(fwd[-1], count=n_mb))
+        if cfg.parallel.sequence_parallel:
+            tp["backward"].append(dataclasses.replace(bwd[-1], count=n_mb))
+    if last:  # enter only: backward all-reduce (SP: forward all-gather, backward reduce-scatter)
+        if cfg.parallel.sequence_parallel:
+            tp["forward"].append(dataclasses.replace(fwd[0], count=n_mb))
+        tp["backward"].append(dataclasses.replace(bwd[0], count=n_mb))
+        tp["forward"] += [Collective("all_reduce", "tp", 4 * tokens, n_mb),
+                          Collective("all_reduce", "tp", 8 * tokens, n_mb)]
+
+
+def _pipeline_plan(cfg: Config, mesh: ParallelMesh, stages: list[int], num_stages: int, n_mb: int,
+                   plan: Plan) -> None:
+    """Per micro-batch and chunk: the output to the next virtual stage (unless last) and the input
+    gradient to the previous one (unless first), [b, s(/TP under SP), h] in the compute dtype."""
+    shard = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
+    nbytes = _act_bytes(cfg) // shard
+    for v in stages:
+        if v < num_stages - 1:
+            plan["pipeline"]["forward"].append(Collective("send", "pp", nbytes, n_mb, peer=1))
+        if v > 0:
+            plan["pipeline"]["backward"].append(Collective("send", "pp", nbytes, n_mb, peer=-1))
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    """A gradient bucket as megamoe.parallel.grad_buffer.GroupLayout builds it: numel (padded to a
+    multiple of the replicas under ZeRO), the parameters' element size, and the [start, end) spans of
+    its SP-partial parameters (norms, router gates), relative to the bucket."""
+
+    numel: int
+    param_bytes: int
+    sp_spans: tuple[tuple[int, int], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def _stage_buckets(cfg: Config, world_size: int, pp_rank: int) -> dict[str, tuple[_Bucket, ...]]:
+    """The dense and expert gradient buckets of pipeline rank ``pp_rank`` (the same on each of its TP
+    and EP ranks), from megamoe's own model and bucket layout built on the meta device (no memory)."""
+    import torch
+    import torch.fx.experimental._config as fx_config
+
+    from megamoe.parallel.grad_buffer import GroupLayout
+    from megamoe.params import cast_params, is_expert, is_sp_partial
+    from megamoe.training.run import build_stage_model
+
+    mesh = layout_mesh(cfg, world_size, world_size)
+    rank = pp_rank * mesh.tp * mesh.dp  # a rank of that stage
+    mesh.rank = rank
+    mesh.members.update({name: next(g for g in groups if rank in g) for name, groups in mesh.grids().items()})
+    # the vocab-padding index of a lookup table asks for nonzero() on meta tensors: only its role
+    # metadata (not any shape) depends on the answer
+    with torch.device("meta"), fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        model = build_stage_model(cfg, mesh)
+    if cfg.train.bf16:
+        cast_params(model, torch.bfloat16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    shard, out = cfg.train.use_distributed_optimizer, {}
+    for name, replicas in (("dense", mesh.dp), ("expert", mesh.edp)):
+        members = [p for p in params if is_expert(p) == (name == "expert")]
+        if not members:
+            continue
+        layout = GroupLayout.build(name, members, None, replicas if shard else 1, 0, cfg.train.ddp_bucket_size)
+        out[name] = tuple(_Bucket(b.end - b.start, b.params[0].element_size(), tuple(
+            (layout.offsets[id(p)] - b.start, layout.offsets[id(p)] - b.start + p.numel())
+            for p in b.params if is_sp_partial(p))) for b in layout.buckets)
+    return out
+
+
+def _grad_plan(cfg: Config, mesh: ParallelMesh, rank: int, pp_rank: int, n_mb: int, plan: Plan) -> None:
+    """Gradient reduction of one step (megamoe.parallel.grad_buffer / optimizer): per bucket an
+    all-reduce over the replicas (DP for dense, expert-DP for experts), or with ZeRO a reduce-scatter
+    (stage 2: every micro-batch) and, after the step, an all-gather of the updated parameters; in fp32
+    (bf16 with --grad-reduce-in-bf16). Under SP, one fp32 all-reduce over TP of the owned gradient of
+    the SP-partial parameters."""
+    t = cfg.train
+    reduce_bytes = 2 if t.grad_reduce_in_bf16 else 4
+    shard = t.use_distributed_optimizer
+    for name, group, replicas in (("dense", "dp", mesh.dp), ("expert", "edp", mesh.edp)):
+        for bucket in _stage_buckets(cfg, mesh.world_size, pp_rank).get(name, ()):
+            if replicas > 1:
+                grads = bucket.numel * reduce_bytes
+                op, count = ("reduce_scatter", n_mb if t.zero_stage == 2 else 1) if shard else ("all_reduce", 1)
+                plan[f"{name}_grad"]["backward"].append(Collective(op, group, grads, count))
+                if shard:
+                    plan[f"{name}_grad"]["optimizer"].append(
+                        Collective("all_gather", group, bucket.numel * bucket.param_bytes))
+    if cfg.parallel.sequence_parallel:
+        owned = 0
+        sharded = shard and mesh.dp > 1
+        dp_index = (rank // mesh.tp) % mesh.dp
+        for bucket in _stage_buckets(cfg, mesh.world_size, pp_rank).get("dense", ()):
+            per = bucket.numel // mesh.dp if sharded else bucket.numel
+            lo = dp_index * per if sharded else 0
+            owned += sum(max(0, min(hi, lo + per) - max(start, lo)) for start, hi in bucket.sp_spans)
+        if owned:
+            plan["sp_grad"]["backward"].append(Collective("all_reduce", "tp", owned * 4))
+
+
+def step_collectives(cfg: Config, world_size: int, rank: int) -> Plan:
+    """Every collective and send ``rank`` runs in one training step except the expert all-to-alls,
+    by category (StepTraffic's fields) and phase (CategoryTraffic's). Derived from tensor shapes;
+    tests/distributed/test_planner_traffic.py checks them against the calls a real run makes."""
+    mesh = layout_mesh(cfg, world_size, world_size)
+    t = cfg.train
+    n_mb = t.global_batch_size // (t.micro_batch_size * mesh.dp)
+    pp_rank = rank // (mesh.tp * mesh.dp)
+    stages, ranges = _stage_chunks(cfg, mesh, pp_rank)
+    plan: Plan = {f.name: {g.name: [] for g in dataclasses.fields(CategoryTraffic)}
+                  for f in dataclasses.fields(StepTraffic)}
+    extras = _exchange_collectives(cfg, len(_chunk_sizes(cfg, _dispatched_tokens(cfg, t.micro_batch_size
+                                                                                   * cfg.model.seq_length))))
+    for v in stages:
+        again, last = _recomputed(cfg, ranges[v])
+        for layer in ranges[v]:
+            _layer_plan(cfg, layer, n_mb, layer in again, layer in last, plan)
+            if not cfg.moe.is_moe_layer(layer):
+                continue
+            closes = layer in last and cfg.model.model_family == "mixtral"  # its output gather: no rerun
+            for name, (fwd, bwd) in extras.items():
+                rerun = fwd if layer in again and not (closes and name == "tp_gather") else []
+                for phase, colls in (("forward", fwd), ("backward", bwd), ("recompute", rerun)):
+                    plan[f"expert_{name}"][phase] += [dataclasses.replace(c, count=n_mb) for c in colls]
+        _ends_plan(cfg, v == 0, v == len(ranges) - 1, n_mb, plan)
+    _pipeline_plan(cfg, mesh, stages, len(ranges), n_mb, plan)
+    _grad_plan(cfg, mesh, rank, pp_rank, n_mb, plan)
+    return plan
+
+
+def step_traffic(cfg: Config, world_size: int, ranks_per_node: int,
+                 expert_load: Sequence[float] | Sequence[Sequence[float]] | None = None,
+                 ) -> list[StepTraffic]:
+    """Expected traffic of one training step of ``cfg`` on ``world_size`` ranks, ``ranks_per_node``
+    per node, per global rank (bytes and messages sent, intra / inter node; see StepTraffic).
+
+    expert_load: routing of the MoE layers, as the rebalancer's load file: one list of per-expert
+    loads (every MoE layer), one per MoE layer (in layer order), or None (uniform)."""
+    mesh = layout_mesh(cfg, world_size, ranks_per_node)
+    t, nodes = cfg.train, _nodes(mesh)
+    n_mb = t.global_batch_size // (t.micro_batch_size * mesh.dp)
+    moe_layers = [i for i in range(cfg.model.num_layers) if cfg.moe.is_moe_layer(i)]
+    loads = _layer_loads(cfg, moe_layers, expert_load)
+    per_call = {key: expected_exchange_traffic(cfg, world_size, ranks_per_node, None, load)
+                for key, load in {tuple(v) if v is not None else None: v for v in loads.values()}.items()}
+    out = []
+    for rank in range(world_size):
+        plan = step_collectives(cfg, world_size, rank)
+        fields = {}
+        for category, phases in plan.items():
+            sends = {phase: _Sends(nodes) for phase in phases}
+            for phase, colls in phases.items():
+                for coll in colls:
+                    members = next(g for g in mesh.grids()[coll.group] if rank in g)
+                    sends[phase].collective(members, coll, only=rank)
+            fields[category] = CategoryTraffic(**{phase: s.traffic(rank) for phase, s in sends.items()})
+        pp_rank = rank // (mesh.tp * mesh.dp)
+        stages, ranges = _stage_chunks(cfg, mesh, pp_rank)
+        a2a = fwd_again = Traffic()
+        for v in stages:
+            again = _recomputed(cfg, ranges[v])[0]
+            for layer in (i for i in ranges[v] if i in loads):
+                call = per_call[tuple(loads[layer]) if loads[layer] is not None else None][rank].all_to_all
+                a2a, fwd_again = a2a + call.scaled(n_mb), fwd_again + call.scaled(n_mb * (layer in again))
+        fields["expert_exchange"] = CategoryTraffic(a2a, a2a, fwd_again)
+        out.append(StepTraffic(**fields))
+    return out
+
+
+def _layer_loads(cfg: Config, moe_layers: list[int], expert_load) -> dict[int, Sequence[float] | None]:
+    """MoE layer index -> its per-expert loads (None: uniform)."""
+    if expert_load is None or not isinstance(expert_load[0], Sequence | np.ndarray):
+        return {layer: expert_load for layer in moe_layers}
+    if len(expert_load) != len(moe_layers):
+        raise ConfigError(f"expert load lists {len(expert_load)} MoE layers, the model has "
+                          f"{len(moe_layers)}; give one list per MoE layer, or one for all")
+    return dict(zip(moe_layers, expert_load))
