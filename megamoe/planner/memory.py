@@ -336,13 +336,15 @@ def _router_bytes(cfg: Config, sh: _Shape, groups: int) -> int:
 
 def _moe_bytes(cfg: Config, sh: _Shape, rows: RoutedRows) -> float:
     """Permutation indices (2 x int64 per sent row), with EP the grouping order and its inverse (2 x
-    int64 per received row), expert GEMMs on received rows (input H, gate/up outputs and product: 4I),
-    the combine (expert output and weighted output [N, H], weights [N]). With K > 1 pipelined chunks
-    the pipeline also keeps every chunk's received rows and expert outputs outside autograd."""
+    int64 per received row), expert GEMMs on received rows (input H, gate and up outputs, their
+    product: OpenMoE 2I + I + I, Mixtral's fused SwiGLU I + I + I), the fused combine (expert outputs
+    [N, H] and weights [N] in y's dtype). With K > 1 pipelined chunks the pipeline also keeps every
+    chunk's received rows and expert outputs outside autograd."""
     m, p, a = cfg.model, cfg.parallel, sh.a
     h, ffn = m.hidden_size, m.ffn_hidden_size
     n, n_local = rows.sent, rows.received
-    out = 16 * n + a * n_local * (h + 4 * ffn) + a * n * (2 * h + 1)  # weights [N] cast to y's dtype
+    hidden = 3 * ffn if m.model_family == "mixtral" else 4 * ffn
+    out = 16 * n + a * n_local * (h + hidden) + a * n * (h + 1)
     if p.expert_model_parallel_size > 1:
         out += 16 * n_local
         if p.moe_alltoall_chunks > 1 and not p.moe_hierarchical_alltoall:
