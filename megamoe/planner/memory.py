@@ -464,7 +464,8 @@ def schedule_order(pp: int, vp: int, rank: int, num_micro_batches: int) -> list[
 @dataclass(frozen=True)
 class PipelinePeak:
     """Peak saved activations of one pipeline rank over a step: ``bytes`` (including the recompute
-    working set of one segment) and ``micro_batches`` chunk-forwards alive at once at that peak."""
+    working set of one segment), ``saved_bytes`` (without it), and ``micro_batches``, the most
+    chunk-forwards alive at once (the schedule's ``max_in_flight``)."""
 
     bytes: int
     micro_batches: int
@@ -481,8 +482,7 @@ def pipeline_peak(cfg: Config, world_size: int, pp_rank: int, load: ExpertLoad =
         sign = 1 if op == "F" else -1
         live += sign * chunks[c].saved
         count += sign
-        if live > peak:
-            peak, most = live, count
+        peak, most = max(peak, live), max(most, count)
     working = max(chunk.recompute_working for chunk in chunks)
     return PipelinePeak(peak + working, most, peak)
 

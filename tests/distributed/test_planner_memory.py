@@ -152,8 +152,10 @@ def _held_outside_hooks(cfg: Any, hidden: torch.Tensor | None) -> int:
     (1, ["--recompute-granularity", "full"]),
     (1, ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "2"]),
     (2, [EP, "2", "--recompute-granularity", "selective"]),
+    (1, ["--model-preset", "mixtral-tiny"]),
+    (2, ["--model-preset", "mixtral-tiny", TP, "2", "--bf16"] + SP),
 ], ids=["single", "bf16", "ep2", "tp2-dedup", "tp2-sp", "pp2-ep2", "ep2-capacity", "full-recompute",
-        "block-recompute", "ep2-selective"])
+        "block-recompute", "ep2-selective", "mixtral", "mixtral-tp2-sp-bf16"])
 def test_saved_activations_within_10_percent(world, extra):
     argv = TINY_ARGS + extra
     cfg = parse_args(argv)
@@ -191,13 +193,18 @@ def _train_metered(rank: int, world: int, argv: list[str]) -> tuple[dict[str, An
         loop.Trainer.train_step = original
 
 
-@pytest.mark.parametrize("extra", [[], ["--recompute-granularity", "full"]], ids=["plain", "full-recompute"])
-def test_one_f_one_b_peak_pp2(extra):
-    # PP 2 x DP 1, 4 micro-batches: stage 0 holds 2 micro-batches at once, stage 1 one
+@pytest.mark.parametrize("extra, in_flight", [
+    ([], (2, 1)),
+    (["--recompute-granularity", "full"], (2, 1)),
+    # interleaved, 2 chunks per rank: warmup (PP - rank - 1) x 2 + (chunks - 1) x PP forwards, then one more
+    (["--num-layers-per-virtual-pipeline-stage", "1"], (5, 3)),
+], ids=["plain", "full-recompute", "interleaved"])
+def test_one_f_one_b_peak_pp2(extra, in_flight):
+    # PP 2 x DP 1, 4 micro-batches: 1F1B keeps min(PP - rank, 4) alive on each rank
     argv = TINY_ARGS + [PP, "2", "--train-iters", "1"] + extra
     cfg = parse_args(argv)
     for seen, records in run_ranks(2, _train_metered, argv):
         predicted = pipeline_peak(cfg, 2, seen["pp_rank"])
-        assert predicted.micro_batches == 2 - seen["pp_rank"]
+        assert predicted.micro_batches == in_flight[seen["pp_rank"]]
         assert records[-1]["pp_max_in_flight"] == predicted.micro_batches
         assert predicted.saved_bytes == pytest.approx(seen["peak"], rel=0.10), (seen, predicted)
