@@ -19,18 +19,26 @@ class _GatedMul(torch.autograd.Function):
     one tensor, backward two: the [..., 2I] gate gradient, whose halves are written in place (no cat),
     and the up gradient, built in the buffer of the recomputed silu(x2). Every product is the one the
     unfused autograd graph forms, so the results match it bit for bit.
+
+    ``reuse_buffers``: the caller owns h_gate, h_up and the output's gradient (nothing else reads them
+    after this backward; the expert MLP's GEMM outputs): backward then writes the gradients into those
+    three buffers and allocates only the recomputed silu(x2) (docs/ARCHITECTURE.md, "Expert MLP
+    buffers"). d_up is then (grad * x1) * silu(x2) instead of grad * (x1 * silu(x2)): one rounding apart.
     """
 
     @staticmethod
-    def forward(ctx, h_gate: torch.Tensor, h_up: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, h_gate: torch.Tensor, h_up: torch.Tensor, reuse_buffers: bool) -> torch.Tensor:
         x1, x2 = h_gate.chunk(2, dim=-1)
         ctx.save_for_backward(h_gate, h_up)
+        ctx.reuse_buffers = reuse_buffers
         return F.silu(x2).mul_(x1).mul_(h_up)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         h_gate, h_up = ctx.saved_tensors
+        if ctx.reuse_buffers and all(ctx.needs_input_grad[:2]) and _owned(grad, h_up):
+            return (*_gated_mul_backward_in_place(h_gate, h_up, grad), None)
         x1, x2 = h_gate.chunk(2, dim=-1)
         s = F.silu(x2)  # recomputed (not saved); becomes d_up's buffer
         d_gate = d_up = None
@@ -43,22 +51,72 @@ class _GatedMul(torch.autograd.Function):
             d1.mul_(s)  # d x1
         if ctx.needs_input_grad[1]:
             d_up = s.mul_(x1).mul_(grad)
-        return d_gate, d_up
+        return d_gate, d_up, None
 
 
-def gated_mul(h_gate: torch.Tensor, h_up: torch.Tensor) -> torch.Tensor:
-    """OpenMoE FFN hidden: ``gated_act(h_gate) * h_up`` (h_gate [..., 2I], h_up [..., I]) as one fused op."""
+def _owned(grad: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether an upstream gradient can be overwritten: a plain dense tensor of the output's shape (not
+    an expanded or strided view of something else)."""
+    return grad.shape == like.shape and grad.is_contiguous() and grad.dtype == like.dtype
+
+
+def _gated_mul_backward_in_place(h_gate: torch.Tensor, h_up: torch.Tensor, grad: torch.Tensor,
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """d_gate into h_gate's buffer, d_up into grad's; one new [N, I] buffer (silu(x2)). On the CPU every
+    buffer of >= 32 MiB is a fresh mmap that page-faults on first touch, so each one not allocated is
+    ~12 ms per 32 MiB (bench/README.md, "Expert MLP kernels")."""
+    x1, x2 = h_gate.chunk(2, dim=-1)
+    s = F.silu(x2)
+    d_a = h_up.mul_(grad)  # d(x1 * silu(x2)) = grad * up; up is dead
+    d_up = grad.mul_(x1)  # grad * x1, times s below; grad is dead
+    d_s = x1.mul_(d_a)  # d silu(x2); x1 is dead
+    torch.ops.aten.silu_backward.grad_input(d_s, x2, grad_input=x2)  # d x2, over x2
+    torch.mul(d_a, s, out=x1)  # d x1, over d_s
+    return h_gate, d_up.mul_(s)
+
+
+def gated_mul(h_gate: torch.Tensor, h_up: torch.Tensor, reuse_buffers: bool = False) -> torch.Tensor:
+    """OpenMoE FFN hidden: ``gated_act(h_gate) * h_up`` (h_gate [..., 2I], h_up [..., I]) as one fused op.
+    ``reuse_buffers``: see :class:`_GatedMul` (only for inputs and a gradient nothing else reads)."""
     if h_gate.shape[-1] != 2 * h_up.shape[-1]:
         raise ValueError(f"gate width {h_gate.shape[-1]} != 2 x up width {h_up.shape[-1]}")
-    return _GatedMul.apply(h_gate, h_up)
+    return _GatedMul.apply(h_gate, h_up, reuse_buffers)
 
 
-def swiglu_mul(h_gate: torch.Tensor, h_up: torch.Tensor) -> torch.Tensor:
+class _SwiGLU(torch.autograd.Function):
+    """silu(h_gate) * h_up, saving only its two inputs (autograd's graph also keeps silu(h_gate)).
+    ``reuse_buffers`` as for :class:`_GatedMul`: d_gate over h_gate, d_up over the gradient."""
+
+    @staticmethod
+    def forward(ctx, h_gate: torch.Tensor, h_up: torch.Tensor, reuse_buffers: bool) -> torch.Tensor:
+        ctx.save_for_backward(h_gate, h_up)
+        ctx.reuse_buffers = reuse_buffers
+        return F.silu(h_gate).mul_(h_up)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        h_gate, h_up = ctx.saved_tensors
+        s = F.silu(h_gate)  # recomputed
+        if ctx.reuse_buffers and all(ctx.needs_input_grad[:2]) and _owned(grad, h_up):
+            d_s = h_up.mul_(grad)  # grad * up; up is dead
+            d_up = grad.mul_(s)
+            torch.ops.aten.silu_backward.grad_input(d_s, h_gate, grad_input=h_gate)
+            return h_gate, d_up, None
+        d_gate = d_up = None
+        if ctx.needs_input_grad[0]:
+            d_gate = torch.ops.aten.silu_backward(grad * h_up, h_gate)
+        if ctx.needs_input_grad[1]:
+            d_up = s.mul_(grad)
+        return d_gate, d_up, None
+
+
+def swiglu_mul(h_gate: torch.Tensor, h_up: torch.Tensor, reuse_buffers: bool = False) -> torch.Tensor:
     """Mixtral's expert hidden: silu(w1 x) * (w3 x), h_gate and h_up both [..., I] (HF's
     ``act_fn(gate) * up``, the same two products)."""
     if h_gate.shape[-1] != h_up.shape[-1]:
         raise ValueError(f"gate width {h_gate.shape[-1]} != up width {h_up.shape[-1]}")
-    return F.silu(h_gate) * h_up
+    return _SwiGLU.apply(h_gate, h_up, reuse_buffers)
 
 
 # Expert activation by name: the gate projection is GATE_WIDTH[name] x the FFN width.

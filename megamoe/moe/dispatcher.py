@@ -138,10 +138,31 @@ def permute(x: torch.Tensor, routing: Routing, placement: ExpertPlacement,
     return x[token_idx], Permutation(token_idx=token_idx, weight=weight, counts=counts)
 
 
+class _Unpermute(torch.autograd.Function):
+    """forward: out[t] = sum over the rows n of token t of weight[n] * y[n]; backward: dy[n] =
+    weight[n] * g[t(n)], dweight[n] = <g[t(n)], y[n]>, from ONE gather of g (autograd's graph for
+    ``index_add_(y * weight)`` gathers g and forms two more [N, H] products)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, weight: torch.Tensor, token_idx: torch.Tensor, num_tokens: int,
+                ) -> torch.Tensor:
+        ctx.save_for_backward(y, weight, token_idx)
+        weighted = y * weight.unsqueeze(-1)  # [N, H]
+        return y.new_zeros(num_tokens, y.shape[-1]).index_add_(0, token_idx, weighted)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        y, weight, token_idx = ctx.saved_tensors
+        grad_rows = grad.index_select(0, token_idx)  # [N, H]
+        d_weight = torch.linalg.vecdot(grad_rows, y) if ctx.needs_input_grad[1] else None  # [N]
+        d_y = grad_rows.mul_(weight.unsqueeze(-1)) if ctx.needs_input_grad[0] else None
+        return d_y, d_weight, None, None
+
+
 def unpermute(y: torch.Tensor, perm: Permutation, num_tokens: int) -> torch.Tensor:
     """y: [N, H] expert outputs in permuted order -> [T, H], sum_k combine_k * expert_k(x)."""
-    weighted = y * perm.weight.to(y.dtype).unsqueeze(-1)
-    return y.new_zeros(num_tokens, y.shape[-1]).index_add_(0, perm.token_idx, weighted)
+    return _Unpermute.apply(y, perm.weight.to(y.dtype), perm.token_idx, num_tokens)
 
 
 @dataclass(frozen=True)
@@ -256,10 +277,14 @@ class TokenDispatcher:
     def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
         """Expert outputs y [N_local, H] (dispatch's row order) -> layer output [T, H].
         Forward: all-to-all(s) back (+ TP all-gather); backward: the mirrored collectives."""
-        sizes = [sum(map(sum, chunk.received_sizes)) for chunk in state.chunks]
+        y = _ungroup(y, state)
+        if len(state.chunks) > 1:  # a split of one piece would cost a full copy (cat) in backward
+            sizes = [sum(map(sum, chunk.received_sizes)) for chunk in state.chunks]
+            ys = y.split(sizes)
+        else:
+            ys = (y,)
         return self._unpermute([run_plan(y_chunk, chunk.steps, reverse=True)
-                                for y_chunk, chunk in zip(_ungroup(y, state).split(sizes), state.chunks)],
-                               state.chunks)
+                                for y_chunk, chunk in zip(ys, state.chunks)], state.chunks)
 
     def pipeline(self, x: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Tensor:
         """dispatch -> experts -> combine, the K chunks pipelined when ``pipelined``. x [T, H] -> [T, H];
@@ -300,7 +325,9 @@ class TokenDispatcher:
         num_chunks = self.par.chunks if ep > 1 else 1  # chunks only serve to overlap the exchange
         size = max(-(-num_tokens // num_chunks), 1)  # ceil: torch.chunk's split
         bounds = [(lo, min(lo + size, num_tokens)) for lo in range(0, max(num_tokens, 1), size)]
-        routings = [routing.select(slice(lo, hi)) for lo, hi in bounds]
+        # one chunk: no slicing (a slice's backward writes its gradient into a fresh zero tensor)
+        whole = len(bounds) == 1
+        routings = [routing if whole else routing.select(slice(lo, hi)) for lo, hi in bounds]
         sorts = [sort_by_expert(r, self.placement) for r in routings]
         # sent[source, chunk, destination, slot]: rows each EP rank sends (one all-gather, one copy)
         sent = all_gather_rows(torch.stack([counts for _, counts in sorts]), self.topo.group).view(
@@ -309,7 +336,8 @@ class TokenDispatcher:
         counters, row_bytes = self.stats.live_comm, x.shape[-1] * x.element_size()
         chunks, rows = [], []
         for c, ((lo, hi), r, s) in enumerate(zip(bounds, routings, sorts)):
-            chunk_rows, perm = permute(x[lo:hi], r, self.placement, s, sum(map(sum, host[me][c])))
+            chunk_x = x if whole else x[lo:hi]
+            chunk_rows, perm = permute(chunk_x, r, self.placement, s, sum(map(sum, host[me][c])))
             steps = exchange_plan([[sum(host[src][c][dst]) for dst in range(ep)] for src in range(ep)],
                                   self.topo, x.device)
             if counters is not None:

@@ -162,7 +162,9 @@ class GroupedExperts(nn.Module):
         if self.fp8 is not None:
             return self._forward_fp8(x, counts, sizes)
         mm = _grouped_mm_fn(x, counts, self.grouped, sizes)
-        return mm(self.act(mm(x, self.wi_gate), mm(x, self.wi_up)), self.wo)  # hidden: [N, I]
+        # the hidden's inputs and gradient are this MLP's own GEMM outputs: its backward reuses them
+        hidden = self.act(mm(x, self.wi_gate), mm(x, self.wi_up), reuse_buffers=True)  # [N, I]
+        return mm(hidden, self.wo)
 
     def _forward_fp8(self, x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None) -> torch.Tensor:
         """The same MLP with FP8 projections; rows padded per expert to --moe-router-padding-for-fp8's
@@ -190,7 +192,8 @@ class GroupedExperts(nn.Module):
         def mm(a: torch.Tensor, w: torch.Tensor, index: int) -> torch.Tensor:
             return FP8GroupMM.apply(a, w, gemm, projections[index])
 
-        y = mm(self.act(mm(x, self.wi_gate, 0), mm(x, self.wi_up, 1)), self.wo, 2)  # [N(padded), H]
+        hidden = self.act(mm(x, self.wi_gate, 0), mm(x, self.wi_up, 1), reuse_buffers=True)
+        y = mm(hidden, self.wo, 2)  # [N(padded), H]
         return y if real_rows is None else y[real_rows]
 
 

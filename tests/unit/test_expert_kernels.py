@@ -165,3 +165,63 @@ def test_experts_backward_with_no_tokens_at_all():
     assert y.shape == (0, H) and x.grad.shape == (0, H)
     for p in ex.parameters():
         assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+
+
+def _owned_inputs(gate_width: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """h_gate / h_up as GEMM outputs (non-leaves owned by the op, as in the expert MLP) of two leaves."""
+    torch.manual_seed(seed)
+    g0 = (torch.randn(37, gate_width * FFN) * 3).requires_grad_()
+    u0 = torch.randn(37, FFN).requires_grad_()
+    return g0, u0, g0 * 1.0, u0 * 1.0
+
+
+@pytest.mark.parametrize("name", ["openmoe", "swiglu"])
+def test_reuse_buffers_writes_gradients_over_the_inputs_and_matches(name):
+    """reuse_buffers: the gradients land in h_gate's and the upstream gradient's buffers (no new
+    [N, 2I] / [N, I] tensors) and equal the allocating path's: d_gate bit for bit, d_up bit for bit for
+    SwiGLU and within one rounding for OpenMoE ((grad * x1) * s instead of grad * (x1 * s))."""
+    from megamoe.ops import EXPERT_ACTIVATIONS, GATE_WIDTH
+
+    fn = EXPERT_ACTIVATIONS[name]
+    results, pointers = [], {}
+    for reuse in (False, True):
+        g0, u0, h_gate, h_up = _owned_inputs(GATE_WIDTH[name], seed=3)
+        seen: dict[str, tuple[int, torch.Tensor]] = {}
+
+        def record(key: str, seen: dict = seen):
+            return lambda g: seen.__setitem__(key, (g.data_ptr(), g.clone()))
+
+        h_gate.register_hook(record("gate"))
+        h_up.register_hook(record("up"))
+        y = fn(h_gate, h_up, reuse_buffers=reuse)
+        dy = torch.randn(37, FFN, generator=torch.Generator().manual_seed(4))
+        gate_ptr, dy_ptr = h_gate.data_ptr(), dy.data_ptr()
+        y.backward(dy)
+        pointers[reuse] = (seen["gate"][0] == gate_ptr, seen["up"][0] == dy_ptr)
+        results.append((y.detach(), seen["gate"][1], seen["up"][1], g0.grad, u0.grad))
+    assert pointers[False] == (False, False)
+    assert pointers[True] == (True, True)
+    plain, reused = results
+    assert torch.equal(plain[0], reused[0]) and torch.equal(plain[1], reused[1])
+    assert torch.equal(plain[3], reused[3])
+    if name == "swiglu":
+        assert torch.equal(plain[2], reused[2])
+    else:
+        torch.testing.assert_close(reused[2], plain[2], rtol=2.5e-7, atol=0)
+    torch.testing.assert_close(reused[4], plain[4], rtol=2.5e-7, atol=0)
+
+
+@pytest.mark.parametrize("name", ["openmoe", "swiglu"])
+def test_reuse_buffers_falls_back_for_a_borrowed_gradient(name):
+    """An upstream gradient that is an expanded view (e.g. from .sum()) is not overwritten: the
+    allocating path runs and the result is the plain one."""
+    from megamoe.ops import EXPERT_ACTIVATIONS, GATE_WIDTH
+
+    fn = EXPERT_ACTIVATIONS[name]
+    grads = []
+    for reuse in (False, True):
+        g0, u0, h_gate, h_up = _owned_inputs(GATE_WIDTH[name], seed=5)
+        fn(h_gate, h_up, reuse_buffers=reuse).sum().backward()  # grad: expanded ones, stride 0
+        grads.append((g0.grad, u0.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
