@@ -5,16 +5,20 @@ What is measured, and why each is needed by :mod:`megamoe.planner.cost`:
 - ``gemm_tflops``: the per-rank GEMM rate on one thread, megamoe's robust CPU peak
   (:func:`megamoe.training.metrics.cpu_peak_tflops`: the largest rate of 2048^3 GEMMs on the process
   CPU clock, stored per machine) -- the compute term's peak.
-- ``model_gemm_tflops``: with a model, the rate of one of its GEMMs ([mbs x seq, hidden] x
-  [hidden, ffn]) on one thread, timed the same way; its ratio to the peak is the compute efficiency.
-- ``layer_overhead_s`` / ``microbatch_overhead_s``: the fixed cost of one decoder layer's forward +
-  backward (and of one micro-batch's embedding, head and loss) that does not scale with FLOPs (Python,
-  autograd, kernel launches), from megamoe's own model at a negligible width (hidden 16, 8 tokens): the
-  slope and intercept of step time against layer count.
+- ``model_tflops`` / ``layer_overhead_s``: with a model small enough to run here (< 50M parameters),
+  its own forward + backward on one rank at micro-batch 1 and 4 (megamoe's model, CPU clock, the
+  least of a few repetitions): the slope gives the rate it reaches on its model FLOPs (GEMMs, and
+  everything the FLOP count leaves out: norms, softmax, routing, permutations), the intercept the fixed
+  cost per micro-batch (Python, autograd, launches), per decoder layer. Without a model: the GEMM peak
+  and the fixed cost of megamoe's decoder at a negligible width (hidden 16, 8 tokens; slope over 2
+  and 6 layers).
 - ``alltoall`` / ``allreduce``: latency and bandwidth fits t = latency + bytes / bandwidth of gloo
   all-to-all (bytes each rank sends to the others) and all-reduce (bytes each rank sends in a ring,
-  2 (W-1)/W x buffer) between W fork-started ranks, for every W asked: on a machine with fewer cores
-  than ranks the ranks share cores, and the fit of that W says what a collective costs then.
+  2 (W-1)/W x buffer) between W fork-started ranks, for every W asked. The latency is per message
+  as megamoe/planner/traffic.py counts them (a call's fitted intercept over its W-1 all-to-all or
+  2 (W-1) ring messages), since the cost model multiplies it by the traffic's message count. On a
+  machine with fewer cores than ranks the ranks share cores, and the fit of that W says what a
+  collective costs then.
 - ``optimizer_bytes_per_s``: AdamW state bytes (fp32 moments, 8 per parameter) a fused AdamW step
   updates per second on one thread, 2M parameters.
 - ``cores``: os.cpu_count(); the cost model divides the compute rate by world_size / cores when ranks
@@ -40,7 +44,7 @@ import torch.distributed as dist
 
 from megamoe.config import Config
 
-SIZES_BYTES = (1 << 14, 1 << 18, 1 << 20, 1 << 22)  # per-rank buffers: 16 KiB .. 4 MiB of fp32
+SIZES_BYTES = (1 << 16, 1 << 20, 1 << 22, 1 << 24)  # per-rank buffers: 64 KiB .. 16 MiB of fp32
 REPS = 7
 
 
@@ -61,7 +65,7 @@ class Calibration:
     them into a cluster for a world size."""
 
     gemm_tflops: float
-    model_gemm_tflops: float | None
+    model_tflops: float | None  # None: no model measured, use gemm_tflops
     layer_overhead_s: float
     microbatch_overhead_s: float
     optimizer_bytes_per_s: float
@@ -161,27 +165,40 @@ def measure_links(world: int, sizes: Sequence[int] = SIZES_BYTES,
     fits = []
     for name in ("alltoall", "allreduce"):
         slowest = [max(r[name][i] for r in per_rank) for i in range(len(sizes))]
-        if name == "alltoall":  # bytes each rank sends to the W-1 others
-            sent = [(s // 4 // world) * 4 * (world - 1) for s in sizes]
-        else:  # a ring all-reduce sends 2 (W-1)/W of the buffer
+        if name == "alltoall":  # bytes each rank sends to the W-1 others, in W-1 messages
+            sent, msgs = [(s // 4 // world) * 4 * (world - 1) for s in sizes], world - 1
+        else:  # a ring all-reduce sends 2 (W-1)/W of the buffer in 2 (W-1) messages
             sent = [2 * (world - 1) / world * (s // 4 // world) * 4 * world for s in sizes]
-        fits.append(fit_link(list(zip(sent, slowest))))
+            msgs = 2 * (world - 1)
+        fit = fit_link(list(zip(sent, slowest)))
+        fits.append(LinkFit(fit.latency_s / msgs, fit.bandwidth_gbs))
     return fits[0], fits[1]
 
 
-def _cpu_rate(m: int, k: int, n: int, reps: int = 5) -> float:
-    """TFLOP/s of the largest-rate [m, k] x [k, n] GEMM on one thread, on the process CPU clock."""
-    rng = torch.Generator().manual_seed(0)
-    a, b = torch.randn(m, k, generator=rng), torch.randn(k, n, generator=rng)
-    inner = max(1, int(2e8 // (2 * m * k * n)))  # ~0.2 GFLOP per timing: above the clock's tick
-    torch.mm(a, b)
+def _step_seconds(model: torch.nn.Module, tokens: torch.Tensor, reps: int) -> float:
+    """Least CPU seconds of forward + backward of ``model`` on ``tokens`` (after one warm-up)."""
     best = float("inf")
-    for _ in range(reps):
+    for i in range(reps + 1):
         t0 = time.process_time()
-        for _ in range(inner):
-            torch.mm(a, b)
-        best = min(best, (time.process_time() - t0) / inner)
-    return 2.0 * m * k * n / max(best, 1e-9) / 1e12
+        model.loss(tokens, tokens).backward()
+        if i:
+            best = min(best, time.process_time() - t0)
+    return best
+
+
+def measure_model(cfg: Config, reps: int = 3) -> tuple[float, float]:
+    """(TFLOP/s on model FLOPs, fixed seconds per decoder layer and micro-batch) of ``cfg``'s model on
+    one rank: the slope and intercept of forward + backward time over micro-batch 1 and 4."""
+    from megamoe.model.openmoe import OpenMoEModel
+    from megamoe.training.metrics import model_flops_per_token
+
+    model = OpenMoEModel(cfg)
+    model.init_weights(0)
+    seq = cfg.model.seq_length
+    small, large = (_step_seconds(model, torch.zeros(b, seq, dtype=torch.long), reps) for b in (1, 4))
+    per_sample = max((large - small) / 3, 1e-9)
+    fixed = max(small - per_sample, 0.0)
+    return model_flops_per_token(cfg) * seq / per_sample / 1e12, fixed / cfg.model.num_layers
 
 
 def measure_overheads(reps: int = 5) -> tuple[float, float]:
@@ -197,13 +214,7 @@ def measure_overheads(reps: int = 5) -> tuple[float, float]:
                           "--ffn-hidden-size", "16", "--seq-length", "8", "--vocab-size", "128"])
         model = OpenMoEModel(cfg)
         model.init_weights(0)
-        tokens = torch.zeros(1, 8, dtype=torch.long)
-        best = float("inf")
-        for _ in range(reps + 1):
-            t0 = time.process_time()
-            model.loss(tokens, tokens).backward()
-            best = min(best, time.process_time() - t0)
-        times[layers] = best
+        times[layers] = _step_seconds(model, torch.zeros(1, 8, dtype=torch.long), reps)
     per_layer = max((times[6] - times[2]) / 4, 0.0)
     return per_layer, max(times[2] - 2 * per_layer, 0.0)
 
@@ -222,6 +233,15 @@ def measure_optimizer(params: int = 1 << 21, reps: int = 5) -> float:
     return 8 * params / max(best, 1e-9)
 
 
+MODEL_LIMIT = 50_000_000  # parameters: a larger model is not run here (memory, minutes)
+
+
+def _parameters(cfg: Config) -> int:
+    from megamoe.model.openmoe import count_parameters
+
+    return count_parameters(cfg)["total"]
+
+
 def calibrate(world_sizes: Sequence[int] = (2, 4, 8), cfg: Config | None = None,
               log: Callable[[str], None] = print) -> Calibration:
     """Measure everything on this machine (one thread per rank, as training runs)."""
@@ -232,16 +252,18 @@ def calibrate(world_sizes: Sequence[int] = (2, 4, 8), cfg: Config | None = None,
     try:
         peak = cpu_peak_tflops(torch.float32, log=log)
         model_rate = None
-        if cfg is not None:
-            m = cfg.model
-            rows = cfg.train.micro_batch_size * m.seq_length
-            model_rate = _cpu_rate(rows, m.hidden_size, m.ffn_hidden_size)
-            log(f" > model GEMM [{rows}, {m.hidden_size}] x "
-                f"[{m.hidden_size}, {m.ffn_hidden_size}]: {model_rate * 1e3:.1f} GFLOP/s per rank")
-        layer_s, mb_s = measure_overheads()
+        if cfg is not None and _parameters(cfg) < MODEL_LIMIT:
+            model_rate, layer_s = measure_model(cfg)
+            mb_s = 0.0
+            log(f" > the model's forward+backward on one rank: {model_rate * 1e3:.1f} GFLOP/s of model "
+                "FLOPs, "
+                f"fixed {layer_s * 1e3:.2f} ms per layer and micro-batch")
+        else:
+            layer_s, mb_s = measure_overheads()
+            log(f" > fixed cost per layer forward+backward {layer_s * 1e3:.2f} ms, per micro-batch "
+                f"{mb_s * 1e3:.2f} ms")
         adam = measure_optimizer()
-        log(f" > fixed cost per layer forward+backward {layer_s * 1e3:.2f} ms, per micro-batch "
-            f"{mb_s * 1e3:.2f} ms; AdamW {adam / 1e9:.2f} GB of moments per second")
+        log(f" > AdamW {adam / 1e9:.2f} GB of moments per second")
     finally:
         torch.set_num_threads(previous)
     a2a, ar = {}, {}
@@ -250,7 +272,7 @@ def calibrate(world_sizes: Sequence[int] = (2, 4, 8), cfg: Config | None = None,
         log(f" > gloo, {world} forked ranks: all-to-all {a2a[world].latency_s * 1e6:.0f} us + "
             f"{a2a[world].bandwidth_gbs:.2f} GB/s, all-reduce {ar[world].latency_s * 1e6:.0f} us + "
             f"{ar[world].bandwidth_gbs:.2f} GB/s per rank")
-    return Calibration(gemm_tflops=peak, model_gemm_tflops=model_rate, layer_overhead_s=layer_s,
+    return Calibration(gemm_tflops=peak, model_tflops=model_rate, layer_overhead_s=layer_s,
                        microbatch_overhead_s=mb_s, optimizer_bytes_per_s=adam, cores=os.cpu_count() or 1,
                        alltoall=a2a, allreduce=ar,
                        measured=time.strftime("%Y-%m-%d %H:%M:%S"))

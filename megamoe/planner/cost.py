@@ -87,7 +87,7 @@ class Cluster:
         world = nodes * gpus_per_node
         near = min(cal.alltoall, key=lambda w: (abs(w - world), -w))
         a2a, ar = cal.alltoall[near], cal.allreduce[near]
-        rate = cal.model_gemm_tflops or cal.gemm_tflops
+        rate = cal.model_tflops or cal.gemm_tflops
         return Cluster(nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory_gib=memory_gib, peak_tflops=rate,
                        intra_node_bandwidth=a2a.bandwidth_gbs, inter_node_bandwidth=a2a.bandwidth_gbs,
                        efficiency=1.0, intra_latency_s=a2a.latency_s, inter_latency_s=a2a.latency_s,
