@@ -513,8 +513,7 @@ def _ends_plan(cfg: Config, first: bool, last: bool, n_mb: int, plan: Plan) -> N
                           Collective("all_reduce", "tp", 8 * tokens, n_mb)]
 
 
-def _pipeline_plan(cfg: Config, mesh: ParallelMesh, stages: list[int], num_stages: int, n_mb: int,
-                   plan: Plan) -> None:
+def _pipeline_plan(cfg: Config, stages: list[int], num_stages: int, n_mb: int, plan: Plan) -> None:
     """Per micro-batch and chunk: the output to the next virtual stage (unless last) and the input
     gradient to the previous one (unless first), [b, s(/TP under SP), h] in the compute dtype."""
     shard = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
@@ -537,8 +536,18 @@ class _Bucket:
     sp_spans: tuple[tuple[int, int], ...]
 
 
-@functools.lru_cache(maxsize=64)
 def _stage_buckets(cfg: Config, world_size: int, pp_rank: int) -> dict[str, tuple[_Bucket, ...]]:
+    """:func:`_built_buckets`, cached over the flags that do not change parameters or buckets."""
+    p, t = cfg.parallel, cfg.train
+    key = cfg.replace(parallel=dataclasses.replace(p, moe_hierarchical_alltoall=False, moe_alltoall_chunks=1,
+                                                   moe_ranks_per_node=0),
+                      train=dataclasses.replace(t, zero_stage=1, overlap_grad_reduce=False,
+                                                overlap_param_gather=False, recompute_granularity=None))
+    return _built_buckets(key, world_size, pp_rank)
+
+
+@functools.lru_cache(maxsize=64)
+def _built_buckets(cfg: Config, world_size: int, pp_rank: int) -> dict[str, tuple[_Bucket, ...]]:
     """The dense and expert gradient buckets of pipeline rank ``pp_rank`` (the same on each of its TP
     and EP ranks), from megamoe's own model and bucket layout built on the meta device (no memory)."""
     import torch
@@ -559,19 +568,20 @@ def _stage_buckets(cfg: Config, world_size: int, pp_rank: int) -> dict[str, tupl
     if cfg.train.bf16:
         cast_params(model, torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
-    shard, out = cfg.train.use_distributed_optimizer, {}
+    t, out = cfg.train, {}
+    shard = t.use_distributed_optimizer
     for name, replicas in (("dense", mesh.dp), ("expert", mesh.edp)):
         members = [p for p in params if is_expert(p) == (name == "expert")]
         if not members:
             continue
-        layout = GroupLayout.build(name, members, None, replicas if shard else 1, 0, cfg.train.ddp_bucket_size)
+        layout = GroupLayout.build(name, members, None, replicas if shard else 1, 0, t.ddp_bucket_size)
         out[name] = tuple(_Bucket(b.end - b.start, b.params[0].element_size(), tuple(
             (layout.offsets[id(p)] - b.start, layout.offsets[id(p)] - b.start + p.numel())
             for p in b.params if is_sp_partial(p))) for b in layout.buckets)
     return out
 
 
-def _grad_plan(cfg: Config, mesh: ParallelMesh, rank: int, pp_rank: int, n_mb: int, plan: Plan) -> None:
+def _grad_plan(cfg: Config, mesh: ParallelMesh, dp_index: int, pp_rank: int, n_mb: int, plan: Plan) -> None:
     """Gradient reduction of one step (megamoe.parallel.grad_buffer / optimizer): per bucket an
     all-reduce over the replicas (DP for dense, expert-DP for experts), or with ZeRO a reduce-scatter
     (stage 2: every micro-batch) and, after the step, an all-gather of the updated parameters; in fp32
@@ -584,7 +594,8 @@ def _grad_plan(cfg: Config, mesh: ParallelMesh, rank: int, pp_rank: int, n_mb: i
         for bucket in _stage_buckets(cfg, mesh.world_size, pp_rank).get(name, ()):
             if replicas > 1:
                 grads = bucket.numel * reduce_bytes
-                op, count = ("reduce_scatter", n_mb if t.zero_stage == 2 else 1) if shard else ("all_reduce", 1)
+                op = "reduce_scatter" if shard else "all_reduce"
+                count = n_mb if shard and t.zero_stage == 2 else 1
                 plan[f"{name}_grad"]["backward"].append(Collective(op, group, grads, count))
                 if shard:
                     plan[f"{name}_grad"]["optimizer"].append(
@@ -592,7 +603,6 @@ def _grad_plan(cfg: Config, mesh: ParallelMesh, rank: int, pp_rank: int, n_mb: i
     if cfg.parallel.sequence_parallel:
         owned = 0
         sharded = shard and mesh.dp > 1
-        dp_index = (rank // mesh.tp) % mesh.dp
         for bucket in _stage_buckets(cfg, mesh.world_size, pp_rank).get("dense", ()):
             per = bucket.numel // mesh.dp if sharded else bucket.numel
             lo = dp_index * per if sharded else 0
@@ -606,14 +616,20 @@ def step_collectives(cfg: Config, world_size: int, rank: int) -> Plan:
     by category (StepTraffic's fields) and phase (CategoryTraffic's). Derived from tensor shapes;
     tests/distributed/test_planner_traffic.py checks them against the calls a real run makes."""
     mesh = layout_mesh(cfg, world_size, world_size)
-    t = cfg.train
+    return _plan(cfg, world_size, rank // (mesh.tp * mesh.dp), (rank // mesh.tp) % mesh.dp)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(cfg: Config, world_size: int, pp_rank: int, dp_index: int) -> Plan:
+    """step_collectives of the ranks at (pipeline rank, DP index): the same for all of them (cached:
+    callers must not modify it)."""
+    mesh, t = layout_mesh(cfg, world_size, world_size), cfg.train
     n_mb = t.global_batch_size // (t.micro_batch_size * mesh.dp)
-    pp_rank = rank // (mesh.tp * mesh.dp)
     stages, ranges = _stage_chunks(cfg, mesh, pp_rank)
     plan: Plan = {f.name: {g.name: [] for g in dataclasses.fields(CategoryTraffic)}
                   for f in dataclasses.fields(StepTraffic)}
-    extras = _exchange_collectives(cfg, len(_chunk_sizes(cfg, _dispatched_tokens(cfg, t.micro_batch_size
-                                                                                   * cfg.model.seq_length))))
+    chunks = len(_chunk_sizes(cfg, _dispatched_tokens(cfg, t.micro_batch_size * cfg.model.seq_length)))
+    extras = _exchange_collectives(cfg, chunks)
     for v in stages:
         again, last = _recomputed(cfg, ranges[v])
         for layer in ranges[v]:
@@ -626,8 +642,8 @@ def step_collectives(cfg: Config, world_size: int, rank: int) -> Plan:
                 for phase, colls in (("forward", fwd), ("backward", bwd), ("recompute", rerun)):
                     plan[f"expert_{name}"][phase] += [dataclasses.replace(c, count=n_mb) for c in colls]
         _ends_plan(cfg, v == 0, v == len(ranges) - 1, n_mb, plan)
-    _pipeline_plan(cfg, mesh, stages, len(ranges), n_mb, plan)
-    _grad_plan(cfg, mesh, rank, pp_rank, n_mb, plan)
+    _pipeline_plan(cfg, stages, len(ranges), n_mb, plan)
+    _grad_plan(cfg, mesh, dp_index, pp_rank, n_mb, plan)
     return plan
 
 
@@ -640,41 +656,40 @@ def step_traffic(cfg: Config, world_size: int, ranks_per_node: int,
     expert_load: routing of the MoE layers, as the rebalancer's load file: one list of per-expert
     loads (every MoE layer), one per MoE layer (in layer order), or None (uniform)."""
     mesh = layout_mesh(cfg, world_size, ranks_per_node)
-    t, nodes = cfg.train, _nodes(mesh)
+    nodes, t = _nodes(mesh), cfg.train
+    group_of = {name: {r: g for g in groups for r in g} for name, groups in mesh.grids().items()}
     n_mb = t.global_batch_size // (t.micro_batch_size * mesh.dp)
-    moe_layers = [i for i in range(cfg.model.num_layers) if cfg.moe.is_moe_layer(i)]
-    loads = _layer_loads(cfg, moe_layers, expert_load)
-    per_call = {key: expected_exchange_traffic(cfg, world_size, ranks_per_node, None, load)
-                for key, load in {tuple(v) if v is not None else None: v for v in loads.values()}.items()}
+    loads = _layer_loads(cfg, expert_load)
+    calls = {key: expected_exchange_traffic(cfg, world_size, ranks_per_node, None, key)
+             for key in set(loads.values())}  # per distinct load: every rank's one-call traffic
     out = []
     for rank in range(world_size):
-        plan = step_collectives(cfg, world_size, rank)
+        pp_rank = rank // (mesh.tp * mesh.dp)
         fields = {}
-        for category, phases in plan.items():
+        for category, phases in _plan(cfg, world_size, pp_rank, (rank // mesh.tp) % mesh.dp).items():
             sends = {phase: _Sends(nodes) for phase in phases}
             for phase, colls in phases.items():
                 for coll in colls:
-                    members = next(g for g in mesh.grids()[coll.group] if rank in g)
-                    sends[phase].collective(members, coll, only=rank)
+                    sends[phase].collective(group_of[coll.group][rank], coll, only=rank)
             fields[category] = CategoryTraffic(**{phase: s.traffic(rank) for phase, s in sends.items()})
-        pp_rank = rank // (mesh.tp * mesh.dp)
+        a2a = again = Traffic()
         stages, ranges = _stage_chunks(cfg, mesh, pp_rank)
-        a2a = fwd_again = Traffic()
         for v in stages:
-            again = _recomputed(cfg, ranges[v])[0]
+            recomputed = _recomputed(cfg, ranges[v])[0]
             for layer in (i for i in ranges[v] if i in loads):
-                call = per_call[tuple(loads[layer]) if loads[layer] is not None else None][rank].all_to_all
-                a2a, fwd_again = a2a + call.scaled(n_mb), fwd_again + call.scaled(n_mb * (layer in again))
-        fields["expert_exchange"] = CategoryTraffic(a2a, a2a, fwd_again)
+                call = calls[loads[layer]][rank].all_to_all.scaled(n_mb)
+                a2a, again = a2a + call, again + call.scaled(layer in recomputed)
+        fields["expert_exchange"] = CategoryTraffic(a2a, a2a, again)  # backward mirrors forward
         out.append(StepTraffic(**fields))
     return out
 
 
-def _layer_loads(cfg: Config, moe_layers: list[int], expert_load) -> dict[int, Sequence[float] | None]:
+def _layer_loads(cfg: Config, expert_load) -> dict[int, tuple[float, ...] | None]:
     """MoE layer index -> its per-expert loads (None: uniform)."""
+    layers = [i for i in range(cfg.model.num_layers) if cfg.moe.is_moe_layer(i)]
     if expert_load is None or not isinstance(expert_load[0], Sequence | np.ndarray):
-        return {layer: expert_load for layer in moe_layers}
-    if len(expert_load) != len(moe_layers):
-        raise ConfigError(f"expert load lists {len(expert_load)} MoE layers, the model has "
-                          f"{len(moe_layers)}; give one list per MoE layer, or one for all")
-    return dict(zip(moe_layers, expert_load))
+        return dict.fromkeys(layers, None if expert_load is None else tuple(expert_load))
+    if len(expert_load) != len(layers):
+        raise ConfigError(f"expert load lists {len(expert_load)} MoE layers, the model has {len(layers)}; "
+                          "give one list per MoE layer, or one for all")
+    return {layer: tuple(load) for layer, load in zip(layers, expert_load)}

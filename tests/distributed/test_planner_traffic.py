@@ -162,7 +162,8 @@ def _predicted_calls(cfg, world: int, rank: int) -> Counter:
     for phases in step_collectives(cfg, world, rank).values():
         for coll in (c for colls in phases.values() for c in colls):
             members = next(g for g in grids[coll.group] if rank in g)
-            where = members[(members.index(rank) + coll.peer) % len(members)] if coll.op == "send" else tuple(members)
+            peer = members[(members.index(rank) + coll.peer) % len(members)]
+            where = peer if coll.op == "send" else tuple(members)
             calls[(coll.op, where, coll.nbytes)] += coll.count
     return calls
 
@@ -172,8 +173,9 @@ COLLECTIVE_CASES = {
     "tp2-pp2": [TP, "2", PP, "2"],
     "tp2-sp-ep2-zero1": [TP, "2", SP, EP, "2", Z, "--global-batch-size", "16"],
     "tp2-dedup-ep2-dp2-recompute": [TP, "2", EP, "2", RC, "full", "--recompute-num-layers", "2"],
-    "pp2-interleaved-ep2-zero2-bf16-buckets": [PP, "2", "--num-layers-per-virtual-pipeline-stage", "1", EP, "2",
-                                              Z, "--zero-stage", "2", "--bf16", "--ddp-bucket-size", "20000"],
+    "pp2-interleaved-ep2-zero2-bf16-buckets": [PP, "2", "--num-layers-per-virtual-pipeline-stage", "1",
+                                              EP, "2", Z, "--zero-stage", "2", "--bf16",
+                                              "--ddp-bucket-size", "20000"],
     "ep4-dp4-allreduce": [EP, "4"],
     # MoE closes every Mixtral layer: the recomputation stops before TP-dedup's output gather
     "mixtral-tp2-dedup-ep2-recompute-block": ["--model-preset", "mixtral-tiny", TP, "2", EP, "2", RC, "full",
