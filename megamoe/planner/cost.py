@@ -163,7 +163,7 @@ def step_flops(cfg: Config, layout: Layout, expert_load: Sequence[Sequence[float
     body = model_flops_per_token(cfg) * tokens - expert - head  # decoder layers without experts
     replicas = layout.dp * layout.tp
     dense = body / layout.pp / replicas + head / replicas  # the last stage: its layers and the head
-    copies = layout.tp if layout.tp > 1 and not layout.sp and layout.exchange == "flat" else 1
+    copies = layout.tp if layout.tp_copies else 1
     expert_rank = expert * copies / layout.world_size * load_imbalance(cfg, layout.ep, expert_load)
     recompute = 0.0
     if layout.recompute == "full":

@@ -58,6 +58,12 @@ class Layout:
         """Expert-data-parallel size: the ranks holding the same experts (ETP is 1)."""
         return self.world_size // (self.ep * self.pp)
 
+    @property
+    def tp_copies(self) -> bool:
+        """TP > 1 without SP and without dedup: every TP rank dispatches (and its experts run) every
+        token of the micro-batch (--no-moe-tp-dedup)."""
+        return self.tp > 1 and not self.sp and self.exchange == "flat"
+
     def micro_batches(self, global_batch_size: int) -> int:
         """Micro-batches per step on every pipeline: global batch / (micro-batch x DP)."""
         return global_batch_size // (self.micro_batch_size * self.dp)
@@ -88,7 +94,7 @@ class Layout:
                 out.append("--overlap-param-gather")
         if self.exchange == "hierarchical":
             out += ["--moe-hierarchical-alltoall", "--moe-ranks-per-node", str(self.ranks_per_node)]
-        if self.tp > 1 and not self.sp and self.exchange == "flat":
+        if self.tp_copies:
             out.append("--no-moe-tp-dedup")
         if self.chunks > 1:
             out += ["--moe-alltoall-chunks", str(self.chunks)]
@@ -105,7 +111,7 @@ class Layout:
             num_layers_per_virtual_pipeline_stage=per_chunk,
             moe_hierarchical_alltoall=self.exchange == "hierarchical",
             moe_ranks_per_node=self.ranks_per_node if self.exchange == "hierarchical" else 0,
-            moe_tp_dedup=self.exchange != "flat", moe_alltoall_chunks=self.chunks)
+            moe_tp_dedup=not self.tp_copies, moe_alltoall_chunks=self.chunks)
         overlap = self.dp > 1 or self.edp > 1
         train = dataclasses.replace(
             base.train, micro_batch_size=self.micro_batch_size, use_distributed_optimizer=self.zero > 0,
