@@ -130,5 +130,6 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.tp.enter(x)
-        return self.down_proj(gated_mul(self.gate_proj(x), self.up_proj(x)))
+        # both projections' outputs and the hidden's gradient are this MLP's own: backward reuses them
+        return self.down_proj(gated_mul(self.gate_proj(x), self.up_proj(x), reuse_buffers=True))
 
