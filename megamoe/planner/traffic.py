@@ -38,8 +38,23 @@ __all__ = ["CategoryTraffic", "Collective", "ExchangeTraffic", "StepTraffic", "T
            "expected_counts", "expected_exchange_traffic", "layout_mesh", "step_collectives", "step_traffic"]
 
 
+class _Summable:
+    """Field-wise ``+`` and ``scaled`` for the frozen dataclasses below (fields: numbers or _Summable)."""
+
+    def __add__(self, other):
+        return type(self)(*(a + b for a, b in zip(self._values(), other._values())))
+
+    def scaled(self, factor: float):
+        """Every field times ``factor`` (e.g. per call -> per step)."""
+        return type(self)(*(v.scaled(factor) if isinstance(v, _Summable) else v * factor
+                            for v in self._values()))
+
+    def _values(self) -> list:
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+
 @dataclass(frozen=True)
-class Traffic:
+class Traffic(_Summable):
     """What one rank sends: bytes and messages to ranks on its node (intra) and on other nodes (inter).
     Exact counts are integers; expected ones (from a routing distribution) may be fractional."""
 
@@ -47,13 +62,6 @@ class Traffic:
     bytes_inter: float = 0
     msgs_intra: float = 0
     msgs_inter: float = 0
-
-    def __add__(self, other: Traffic) -> Traffic:
-        return Traffic(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
-
-    def scaled(self, factor: float) -> Traffic:
-        """Every field times ``factor`` (e.g. per call -> per step)."""
-        return Traffic(*(a * factor for a in dataclasses.astuple(self)))
 
     @property
     def bytes(self) -> float:
@@ -64,12 +72,8 @@ class Traffic:
         return self.msgs_intra + self.msgs_inter
 
 
-def _sum(items: Sequence[Traffic]) -> Traffic:
-    return sum(items, Traffic())
-
-
 @dataclass(frozen=True)
-class ExchangeTraffic:
+class ExchangeTraffic(_Summable):
     """One rank's expert-exchange traffic (one MoE layer call, or summed over several with ``+``).
 
     dispatch / combine: the forward all-to-all(s) out to the experts and back; backward mirrors them
@@ -84,15 +88,6 @@ class ExchangeTraffic:
     combine: Traffic = Traffic()
     tp_gather: Traffic = Traffic()
     counts_gather: Traffic = Traffic()
-
-    def __add__(self, other: ExchangeTraffic) -> ExchangeTraffic:
-        return ExchangeTraffic(*(a + b for a, b in zip(self._parts(), other._parts())))
-
-    def scaled(self, factor: float) -> ExchangeTraffic:
-        return ExchangeTraffic(*(part.scaled(factor) for part in self._parts()))
-
-    def _parts(self) -> tuple[Traffic, ...]:
-        return self.dispatch, self.combine, self.tp_gather, self.counts_gather
 
     @property
     def all_to_all(self) -> Traffic:
@@ -170,8 +165,8 @@ class _Sends:
         m = np.asarray(members)
         sent = (rows > 0) & ~np.eye(len(m), dtype=bool)
         same = self.nodes[m][:, None] == self.nodes[m][None, :]
-        for col, (mask, scale) in enumerate(((sent & same, row_bytes), (sent & ~same, row_bytes))):
-            np.add.at(self.acc[:, col], m, (rows * mask).sum(1) * scale)
+        for col, mask in enumerate((sent & same, sent & ~same)):  # intra, inter
+            np.add.at(self.acc[:, col], m, (rows * mask).sum(1) * row_bytes)
             np.add.at(self.acc[:, col + 2], m, mask.sum(1))
 
     def collective(self, members: Sequence[int], coll: Collective, only: int | None = None) -> None:
@@ -247,10 +242,8 @@ def _placement(cfg: Config, placement: Sequence[int] | None) -> np.ndarray:
     if placement is None:
         return np.arange(num_experts) // (num_experts // ep)
     rank_of = np.asarray(placement)
-    if rank_of.ndim != 1 or np.any((rank_of < 0) | (rank_of >= ep)):
-        raise ConfigError(f"placement {list(placement)} must give an EP rank in [0, {ep}) per expert")
-    per_rank = num_experts // ep
-    if rank_of.shape != (num_experts,) or list(np.bincount(rank_of, minlength=ep)) != [per_rank] * ep:
+    in_range = rank_of.shape == (num_experts,) and np.all((rank_of >= 0) & (rank_of < ep))
+    if not in_range or list(np.bincount(rank_of, minlength=ep)) != [num_experts // ep] * ep:
         raise ConfigError(f"placement {list(placement)} must give each of the {ep} EP ranks "
                           f"{num_experts // ep} of the {num_experts} experts")
     return rank_of
@@ -373,7 +366,7 @@ def expected_exchange_traffic(cfg: Config, world_size: int, ranks_per_node: int,
 
 # -- the whole step ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class CategoryTraffic:
+class CategoryTraffic(_Summable):
     """One category's traffic of one rank per step. forward / backward: sent during the forward and
     backward passes (gradient reductions count as backward: they run during it with
     --overlap-grad-reduce, right after it otherwise); recompute: forward collectives run again by
@@ -388,11 +381,11 @@ class CategoryTraffic:
 
     @property
     def total(self) -> Traffic:
-        return self.forward + self.backward + self.recompute + self.optimizer
+        return sum(self._values(), Traffic())
 
 
 @dataclass(frozen=True)
-class StepTraffic:
+class StepTraffic(_Summable):
     """Everything one rank sends in one training step (``global_batch / (micro_batch x DP)``
     micro-batches), by category; bytes and messages, intra / inter node.
 
@@ -422,9 +415,7 @@ class StepTraffic:
 
     @property
     def total(self) -> Traffic:
-        return _sum([getattr(self, f.name).total for f in dataclasses.fields(self)])
-
-
+        return sum((category.total for category in self._values()), Traffic())
 
 
 # Collectives by category and phase: {category: {phase: [Collective]}}
