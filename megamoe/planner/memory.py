@@ -33,7 +33,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from megamoe.config import Config, ConfigError, stage_layer_ranges
+from megamoe.config import Config, ConfigError, stage_layer_ranges, validate_layout
 from megamoe.planner.traffic import expected_counts
 
 ExpertLoad = Sequence[float] | Mapping[int, Sequence[float]] | None  # one [E] load, or per MoE layer
@@ -540,6 +540,7 @@ class MemoryEstimate:
 def memory_per_rank(cfg: Config, world_size: int, expert_load: ExpertLoad = None) -> MemoryEstimate:
     """Memory per rank of ``cfg`` on ``world_size`` ranks. expert_load: per-expert loads (any scale)
     of every MoE layer, or {layer: loads}; None: uniform routing."""
+    validate_layout(cfg, world_size)  # one-line ConfigError for a layout megamoe would refuse
     _check_load(cfg, expert_load)
     exchange = exchange_buffer_bytes(cfg, world_size, expert_load)
     stages = []

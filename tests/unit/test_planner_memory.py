@@ -144,3 +144,5 @@ def test_exchange_buffers_and_the_whole_estimate():
         memory_per_rank(ep2, 2, {0: [1] * E})
     with pytest.raises(ConfigError, match="not divisible"):
         memory_per_rank(ep2, 3)
+    with pytest.raises(ConfigError, match="--num-attention-heads 4 is not divisible"):
+        memory_per_rank(cfg("--tensor-model-parallel-size", "8"), 8)
