@@ -17,7 +17,7 @@
 3. Each chosen layout trains the bench model (OpenMoE code path, hidden 256, 4 layers, 8 experts top-2
    every 2nd layer, seq 128, global batch 16, fp32, mock data) for --iters steps on W fork-started gloo
    ranks (tests/harness.py); measured = rank 0's median Trainer step_time after the first step, the
-   smallest over --passes.
+   smallest over --passes (each pass measures every layout once, in turn).
 Prints a markdown table per W and the Spearman correlation of predicted vs measured step time.
 """
 
@@ -89,13 +89,15 @@ def run_world(world: int, cal: Calibration, args: argparse.Namespace) -> dict[st
         cfg = layout.apply(base)
         predicted.append((busiest(cfg, layout, cluster, None, memory_per_rank(cfg, world).optimizer).total_s,
                           layout))
-    rows = []
-    for pred, layout in choose(predicted, args.layouts):
-        measured = min(measure(world, layout, args.iters) for _ in range(args.passes))
-        rows.append(dict(layout=layout.label(), predicted_s=pred, measured_s=measured,
-                         flags=layout.flags(base.model.num_layers)))
-        print(f"  W={world} {layout.label():58s} predicted {pred:.3f} s measured {measured:.3f} s",
-              flush=True)
+    chosen = choose(predicted, args.layouts)
+    measured: list[float] = [float("inf")] * len(chosen)
+    for _ in range(args.passes):  # all layouts in turn, then again: a busy spell hits one pass
+        for i, (pred, layout) in enumerate(chosen):
+            measured[i] = min(measured[i], measure(world, layout, args.iters))
+            print(f"  W={world} {layout.label():58s} predicted {pred:.3f} s measured {measured[i]:.3f} s",
+                  flush=True)
+    rows = [dict(layout=layout.label(), predicted_s=pred, measured_s=meas,
+                 flags=layout.flags(base.model.num_layers)) for (pred, layout), meas in zip(chosen, measured)]
     rho = spearman([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows])
     return dict(world=world, enumerated=len(layouts), spearman=rho, rows=rows)
 
