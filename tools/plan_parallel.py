@@ -32,8 +32,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megamoe.arguments import parse_args  # noqa: E402
 from megamoe.config import Config, ConfigError  # noqa: E402
 from megamoe.planner.calibrate import Calibration, calibrate  # noqa: E402
-from megamoe.planner.cost import GIB, Cluster, NoLayoutFits, PlannedLayout, rank_layouts  # noqa: E402
-from megamoe.planner.layouts import LAYOUT_FLAGS  # noqa: E402
+from megamoe.planner.cost import (  # noqa: E402
+    GIB,
+    Cluster,
+    NoLayoutFits,
+    PlannedLayout,
+    busiest,
+    expert_load_by_layer,
+    rank_layouts,
+)
+from megamoe.planner.layouts import LAYOUT_FLAGS, layout_of  # noqa: E402
+from megamoe.planner.memory import memory_per_rank  # noqa: E402
 
 DEFAULT_CALIBRATION = os.path.join(os.path.expanduser("~"), ".cache", "megamoe", "planner_calibration.json")
 BREAKDOWN = (("compute", "compute_s"), ("of it recompute", "recompute_s"), ("fixed", "fixed_s"),
@@ -61,8 +70,13 @@ def planner_parser() -> argparse.ArgumentParser:
     o.add_argument("--expert-load", help="JSON list, per MoE layer, of per-expert loads (rebalancer format)")
     o.add_argument("--top", type=int, default=5, help="layouts to print")
     o.add_argument("--json", action="store_true", help="print the ranked layouts as a JSON list")
-    o.add_argument("--max-evaluations", type=int, default=400,
+    o.add_argument("--max-evaluations", type=int, default=2000,
                    help="layouts whose full traffic model runs, at most (branch and bound stops earlier)")
+    o.add_argument("--tolerance", type=float, default=0.01,
+                   help="stop when no unevaluated layout can beat the --top-th by more than this fraction")
+    o.add_argument("--evaluate", metavar="FLAGS",
+                   help="also predict this layout (its layout flags in one string, e.g. a launch script's) "
+                        "and say where it ranks")
     o.add_argument("--calibrate", action="store_true", help="measure this machine first and plan with it")
     o.add_argument("--calibration-file", default=None,
                    help=f"where --calibrate writes, or a stored measurement to plan with (default with "
@@ -81,10 +95,25 @@ def model_argv(rest: list[str]) -> list[str]:
     return list(rest) + ["--mock-data"]
 
 
+def parse_model(model: list[str]) -> Config:
+    """The model's Config. Its micro-batch size is the planner's to choose, but a flag may constrain it
+    (--moe-router-group-size must divide its tokens): parse with the first of 1, 2, 4, 8 that passes;
+    every layout then sets and validates its own."""
+    first: ConfigError | None = None
+    for mbs in (1, 2, 4, 8):
+        try:
+            return parse_args(model + ["--micro-batch-size", str(mbs)])
+        except ConfigError as e:
+            first = first or e
+    raise first
+
+
 def check_cluster(args: argparse.Namespace) -> None:
     for name in ("nodes", "gpus_per_node", "top", "max_evaluations"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.tolerance < 1:
+        raise ConfigError(f"--tolerance must be in [0, 1), got {args.tolerance}")
     for name in ("gpu_memory_gib", "peak_tflops", "efficiency", "intra_node_bandwidth",
                  "inter_node_bandwidth"):
         if not getattr(args, name) > 0:
@@ -146,31 +175,51 @@ def describe(i: int, plan: PlannedLayout, flags: list[str], cluster: Cluster) ->
             f"   flags: {' '.join(flags)}")
 
 
+def evaluate(model: list[str], flags: str, cluster: Cluster,
+             expert_load: list[list[float]] | None) -> PlannedLayout:
+    """The prediction for ``model`` under the layout ``flags`` (validated for the cluster's world)."""
+    cfg = parse_args(model + flags.split()).validate(cluster.world_size)
+    layout = layout_of(cfg, cluster.world_size, cluster.gpus_per_node)
+    mem = memory_per_rank(cfg, cluster.world_size, expert_load_by_layer(cfg, expert_load))
+    return PlannedLayout(layout, busiest(cfg, layout, cluster, expert_load, mem.optimizer), mem)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = planner_parser()
     args, rest = parser.parse_known_args(argv)
     try:
         check_cluster(args)
         model = model_argv(rest)
-        cfg = parse_args(model)
+        cfg = parse_model(model)
         cluster = build_cluster(args, cfg)
         name = next((model[i + 1] for i, a in enumerate(model[:-1]) if a == "--model-preset"), "the model")
-        ranking = rank_layouts(cfg, cluster, read_expert_load(args.expert_load), model_name=name,
-                               top=args.top, max_evaluations=args.max_evaluations)
+        load = read_expert_load(args.expert_load)
+        ranking = rank_layouts(cfg, cluster, load, model_name=name, top=args.top,
+                               max_evaluations=args.max_evaluations, tolerance=args.tolerance)
+        given = None if args.evaluate is None else evaluate(model, args.evaluate, cluster, load)
     except (ConfigError, NoLayoutFits) as e:
         print(f"plan_parallel.py: error: {e}", file=sys.stderr)
         return 2
     top = ranking.plans
     flags = [model + p.layout.flags(cfg.model.num_layers) for p in top]
     if args.json:
-        print(json.dumps([as_json(p, f) for p, f in zip(top, flags)], indent=1))
+        out = [as_json(p, f) for p, f in zip(top, flags)]
+        if given is not None:
+            out.append(as_json(given, model + args.evaluate.split()) | {"evaluated": True})
+        print(json.dumps(out, indent=1))
         return 0
     print(f"{ranking.fitting} layouts fit {cluster.nodes}x{cluster.gpus_per_node} ranks "
           f"({cluster.gpu_memory_gib:g} GiB each); the {len(top)} fastest predicted "
-          f"({ranking.evaluated} evaluated in full, the others bounded out"
-          + ("; STOPPED at --max-evaluations: not proven the fastest" if ranking.exhausted else "") + "):")
+          f"({ranking.evaluated} evaluated in full; "
+          + ("STOPPED at --max-evaluations: not proven the fastest" if ranking.exhausted else
+             f"no other can be more than {ranking.tolerance:.0%} faster than #{len(top)}") + "):")
     for i, (p, f) in enumerate(zip(top, flags), 1):
         print(describe(i, p, f, cluster))
+    if given is not None:
+        fits = given.memory_gib <= cluster.gpu_memory_gib
+        print(f"--evaluate: {given.step_time_s / top[0].step_time_s:.3f}x #1's step"
+              + ("" if fits else " and DOES NOT FIT in memory") + "\n"
+              + describe(0, given, model + args.evaluate.split(), cluster))
     return 0
 
 

@@ -358,23 +358,27 @@ def lower_bound(cfg: Config, layout: Layout, cluster: Cluster, expert_load: Sequ
 
 @dataclass(frozen=True)
 class Ranking:
-    """The ``top`` fastest layouts, exact under the model: every layout not evaluated has a lower
-    bound above the slowest of them (unless ``exhausted``: the evaluation budget ran out first)."""
+    """The ``top`` fastest layouts under the model, to ``tolerance``: no layout left unevaluated can be
+    more than that fraction faster than the slowest of them (its lower bound says so), unless
+    ``exhausted``: the evaluation budget ran out first."""
 
     plans: list[PlannedLayout]
     fitting: int  # layouts that fit in memory
     evaluated: int  # of them, with their full traffic
     exhausted: bool
+    tolerance: float
 
 
 def rank_layouts(base: Config, cluster: Cluster, expert_load: Sequence[Sequence[float]] | None = None,
                  space: SearchSpace | None = None, model_name: str = "the model", top: int = 5,
-                 max_evaluations: int = 400) -> Ranking:
+                 max_evaluations: int = 2000, tolerance: float = 0.01) -> Ranking:
     """The ``top`` valid layouts of the cluster that fit its memory, fastest predicted step first.
 
     Branch and bound: layouts are visited in order of :func:`lower_bound` (compute, fixed costs, the
     bubble of those and the optimizer step) and the full traffic model (the costly part) runs until
-    the next lower bound cannot beat the ``top``-th step found, or ``max_evaluations`` have run.
+    the next lower bound cannot beat the ``top``-th step found by more than ``tolerance`` (many layouts
+    share a compute bound: proving ties apart costs their traffic for nothing), or
+    ``max_evaluations`` have run.
     NoLayoutFits (one line) when none fits; ConfigError when the model admits no layout at all."""
     load = expert_load_by_layer(base, expert_load)
     layouts = enumerate_layouts(base, cluster.world_size, cluster.gpus_per_node, space or SearchSpace())
@@ -390,11 +394,11 @@ def rank_layouts(base: Config, cluster: Cluster, expert_load: Sequence[Sequence[
                       for i, (lay, cfg, mem) in enumerate(fits)))
     planned: list[PlannedLayout] = []
     for evaluated, (bound, i) in enumerate(bounded):
-        if len(planned) >= top and bound >= planned[top - 1].step_time_s:
-            return Ranking(planned[:top], len(fits), evaluated, False)
+        if len(planned) >= top and bound * (1 + tolerance) >= planned[top - 1].step_time_s:
+            return Ranking(planned[:top], len(fits), evaluated, False, tolerance)
         if evaluated >= max_evaluations:
-            return Ranking(planned[:top], len(fits), evaluated, True)
+            return Ranking(planned[:top], len(fits), evaluated, True, tolerance)
         layout, cfg, mem = fits[i]
         planned.append(PlannedLayout(layout, busiest(cfg, layout, cluster, expert_load, mem.optimizer), mem))
         planned.sort(key=lambda p: p.step_time_s)
-    return Ranking(planned[:top], len(fits), len(bounded), False)
+    return Ranking(planned[:top], len(fits), len(bounded), False, tolerance)

@@ -120,6 +120,23 @@ class Layout:
         return base.replace(parallel=parallel, train=train)
 
 
+def layout_of(cfg: Config, world_size: int, ranks_per_node: int) -> Layout:
+    """The Layout a parsed run uses (e.g. a launch script's flags), for the cost model to evaluate."""
+    p, t = cfg.parallel, cfg.train
+    vp = p.virtual_stages(cfg.model.num_layers)
+    if p.moe_hierarchical_alltoall:
+        exchange = "hierarchical"
+    elif p.tensor_model_parallel_size > 1 and not p.sequence_parallel and not p.moe_tp_dedup:
+        exchange = "flat"
+    else:
+        exchange = "tp-dedup" if p.tensor_model_parallel_size > 1 and not p.sequence_parallel else "flat"
+    return Layout(tp=p.tensor_model_parallel_size, sp=p.sequence_parallel, pp=p.pipeline_model_parallel_size,
+                  vp=vp, ep=p.expert_model_parallel_size, micro_batch_size=t.micro_batch_size,
+                  zero=t.zero_stage if t.use_distributed_optimizer else 0, exchange=exchange,
+                  chunks=p.moe_alltoall_chunks, recompute=t.recompute_granularity, world_size=world_size,
+                  ranks_per_node=p.moe_ranks_per_node or ranks_per_node)
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """What :func:`enumerate_layouts` tries; the defaults are the planner's."""
