@@ -206,7 +206,8 @@ def estimate(cfg: Config, layout: Layout, cluster: Cluster, traffic: StepTraffic
     compute = (flops.dense + flops.expert + flops.recompute) / rate
     expert_s = flops.expert / rate
     m = layout.micro_batches(cfg.train.global_batch_size)
-    layers = cfg.model.num_layers / layout.pp * (1.4 if layout.recompute == "full" else 1.0)
+    # full recompute runs each layer's forward again: about a third more of its forward + backward
+    layers = cfg.model.num_layers / layout.pp * (4 / 3 if layout.recompute == "full" else 1.0)
     fixed = m * (layers * cluster.layer_overhead_s + cluster.microbatch_overhead_s) / cluster.share
     intra, inter = cluster.intra(), cluster.inter()
     collective = cluster.intra_allreduce or intra

@@ -23,7 +23,7 @@ from megamoe.planner.cost import (
     spearman,
     step_flops,
 )
-from megamoe.planner.layouts import Layout, SearchSpace, enumerate_layouts
+from megamoe.planner.layouts import Layout, SearchSpace, enumerate_layouts, layout_of
 from megamoe.planner.memory import memory_per_rank
 from megamoe.planner.traffic import StepTraffic, Traffic
 from megamoe.training.metrics import model_flops_per_token
@@ -54,6 +54,7 @@ def test_every_enumerated_layout_is_one_megamoe_accepts_and_its_flags_round_trip
     for lay in layouts[::7]:  # every 7th: the parse is ~ms each
         cfg = parse_args(TINY + lay.flags(base.model.num_layers)).validate(8)
         assert cfg == lay.apply(base)
+        assert layout_of(cfg, 8, 4) == lay  # and back: what --evaluate reads from a script's flags
 
 
 def test_layouts_megamoe_rejects_are_not_listed():
@@ -193,10 +194,13 @@ def test_cli_json_flags_parse_into_a_valid_config(capsys):
         assert set(StepBreakdown.__dataclass_fields__) <= set(p["breakdown"])
 
 
-def test_cli_human_output(capsys):
-    assert plan_parallel.main(TINY + ["--gpus-per-node", "2", "--top", "2", "--max-evaluations", "20"]) == 0
+def test_cli_human_output_and_evaluate(capsys):
+    given = "--tensor-model-parallel-size 2 --micro-batch-size 1"
+    assert plan_parallel.main(TINY + ["--gpus-per-node", "2", "--top", "2", "--max-evaluations", "20",
+                                      "--evaluate", given]) == 0
     out = capsys.readouterr().out
-    assert out.count("flags: --model-preset openmoe-tiny") == 2 and "memory" in out and "compute" in out
+    assert out.count("flags: --model-preset openmoe-tiny") == 3 and "memory" in out and "compute" in out
+    assert "--evaluate: " in out and "#0 TP2 PP1 EP1 DP1 mbs1 no-ZeRO tp-dedup" in out
 
 
 def test_too_small_cluster_is_one_line(capsys):
