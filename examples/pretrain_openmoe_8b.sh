@@ -21,6 +21,14 @@
 #                 (expert gradient reduce-scatter, expert parameter all-gather and the ZeRO shards of
 #                 expert state all cross nodes).
 #   checkpoint    written by DP rank 0 (dense) and expert-DP rank 0 (experts): ranks 0-7, the first node.
+# Micro-batch (MBS): 2 on one node; on more nodes the largest of 8, 4, 2 that divides GBS / DP. The
+# parallel planner (tools/plan_parallel.py, docs/PLANNER.md) predicts this layout's step on 8 nodes of
+# H100s at 1.75 s with micro-batch 2 and 1.48 s (1.19x faster) with 8, on 32 nodes 0.94 s against
+# 0.67 s (1.39x): megamoe starts a gradient bucket's reduction after the step's LAST micro-batch
+# delivered it, so only that micro-batch's backward hides the cross-node DP / expert-DP reduction (and
+# only the first micro-batch's forward hides the ZeRO parameter all-gather); fewer, larger
+# micro-batches hide more. Activations then take ~42 of the planner's ~59 GiB per GPU. On one node the
+# reduction stays on NVLink and micro-batch 8 would gain 1.4% at ~74 GiB, so one node keeps 2.
 # --sequence-parallel is added when TP > 1. --moe-hierarchical-alltoall is added only when an EP group
 # spans nodes (EP > GPUS_PER_NODE): with EP 8 on 8-GPU nodes there is no inter-node exchange for it to
 # organise. Relaunching the same command resumes from $CKPT/latest (auto-resume).
@@ -44,6 +52,7 @@ EP="${EP:-8}"
 PP="${PP:-1}"
 GBS="${GBS:-1024}"
 TRAIN_ITERS="${TRAIN_ITERS:-500000}"
+MBS="${MBS:-}"                  # empty: 2 on one node, else the largest of 8, 4, 2 dividing GBS / DP
 ZERO_STAGE="${ZERO_STAGE:-1}"   # 2 also shards fp32 gradients (more reduce traffic, less memory)
 PRECISION="${PRECISION:---bf16}"
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
@@ -54,6 +63,13 @@ if [ -n "$DATA_PATH" ]; then
 else
   echo "DATA_PATH not set: training on --mock-data" >&2
   DATA_ARGS=(--mock-data)
+fi
+if [ -z "$MBS" ]; then
+  MBS=2
+  PER_DP=$(( GBS * TP * PP / (GPUS_PER_NODE * NNODES) ))  # samples per step of each DP rank
+  if [ "$NNODES" -gt 1 ]; then
+    for m in 8 4; do [ $(( PER_DP % m )) -eq 0 ] && { MBS=$m; break; }; done
+  fi
 fi
 SP=()
 [ "$TP" -gt 1 ] && SP=(--sequence-parallel)
@@ -68,7 +84,7 @@ ARGS=(
   --moe-capacity-factor 1.25 --moe-eval-capacity-factor 2.0 --moe-min-capacity 4
   --moe-router-group-size 4096
   --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 1e-4
-  --micro-batch-size 2 --global-batch-size "$GBS" --seq-length 2048  # 4096 tokens: one T5X routing group
+  --micro-batch-size "$MBS" --global-batch-size "$GBS" --seq-length 2048  # T5X routing groups of 4096 tokens
   --train-iters "$TRAIN_ITERS" --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 2000 --lr-decay-style cosine
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
   "$PRECISION" --use-distributed-optimizer --zero-stage "$ZERO_STAGE"
