@@ -10,7 +10,7 @@ import json
 import pytest
 
 from megamoe.arguments import parse_args
-from megamoe.planner.calibrate import LinkFit, fit_link
+from megamoe.planner.calibrate import Calibration, LinkFit, fit_link
 from megamoe.planner.cost import (
     Cluster,
     StepBreakdown,
@@ -230,3 +230,18 @@ def test_expert_load_file_must_match_the_model(tmp_path, capsys):
     path.write_text(json.dumps([[1] * 8]))  # openmoe-tiny has 2 MoE layers
     assert plan_parallel.main(TINY + ["--expert-load", str(path)]) == 2
     assert "--expert-load has 1 MoE layer(s), the model 2" in capsys.readouterr().err
+
+
+def test_calibration_round_trip_and_cluster(tmp_path):
+    cal = Calibration(gemm_tflops=0.07, model_tflops=0.08, layer_overhead_s=5e-3, microbatch_overhead_s=0.0,
+                      optimizer_bytes_per_s=1.2e10, cores=2,
+                      alltoall={4: LinkFit(1e-3, 0.9), 8: LinkFit(5e-4, 0.6)},
+                      allreduce={4: LinkFit(2e-3, 0.8), 8: LinkFit(2e-3, 0.85)}, measured="now")
+    path = str(tmp_path / "cal.json")
+    cal.save(path)
+    assert Calibration.load(path) == cal
+    cluster = Cluster.from_calibration(cal, nodes=1, gpus_per_node=8, memory_gib=4.0)
+    assert cluster.peak_tflops == 0.08 and cluster.efficiency == 1.0  # the model's own measured rate
+    assert cluster.intra() == LinkFit(5e-4, 0.6) and cluster.intra_allreduce == LinkFit(2e-3, 0.85)
+    assert cluster.share == 0.25 and not cluster.overlap  # 8 ranks on 2 cores
+    assert Cluster.from_calibration(cal, 1, 5, 4.0).intra() == LinkFit(1e-3, 0.9)  # nearest measured W
