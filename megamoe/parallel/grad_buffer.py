@@ -219,7 +219,8 @@ class GradBuffer:
                 own.copy_(bucket.reduced[lo - bucket.start:hi - bucket.start] if whole else bucket.reduced)
             bucket.reduced = None
         self._sum_sequence_partials()
-        self.data.div_(self.divisor)
+        if self.divisor != 1:  # one replica, one micro-batch: a pass over the buffer for nothing
+            self.data.div_(self.divisor)
 
     def _sum_sequence_partials(self) -> None:
         """SP: parameters replicated over TP that saw only this rank's sequence shard sum their owned
@@ -301,7 +302,8 @@ class ShardedGradBuffer(GradBuffer):
         while self.memory.in_flight:  # (the other group's too: they were started first)
             self.memory.complete_oldest()
         self._sum_sequence_partials()
-        self.data.div_(self.divisor)
+        if self.divisor != 1:  # one replica, one micro-batch: a pass over the buffer for nothing
+            self.data.div_(self.divisor)
 
 
 def _reduce_scatter(grads: torch.Tensor, layout: GroupLayout, async_op: bool) -> tuple[torch.Tensor, object]:

@@ -189,8 +189,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp:
     """logits [N, V_padded/tp] (any float dtype, computed in fp32), target [N] -> per-token loss [N] and
     logsumexp [N] over the ``vocab_size`` real columns (padding never enters the softmax)."""
     valid = max(0, min(logits.shape[-1], vocab_size - vocab_start))
-    if tp.size == 1:
-        real = logits[..., :valid].float()
-        lse = torch.logsumexp(real, dim=-1)
-        return lse - real.gather(-1, target.unsqueeze(-1)).squeeze(-1), lse
-    return _VocabParallelCrossEntropy.apply(logits.float(), target, vocab_start, valid, tp.group)
+    # TP 1 too: the softmax kept from forward makes backward one pass (autograd's logsumexp recomputes
+    # exp(x - lse) into fresh [N, V] tensors)
+    return _VocabParallelCrossEntropy.apply(logits.float(), target, vocab_start, valid,
+                                            tp.group if tp.size > 1 else None)
