@@ -29,6 +29,12 @@
 # only the first micro-batch's forward hides the ZeRO parameter all-gather); fewer, larger
 # micro-batches hide more. Activations then take ~42 of the planner's ~59 GiB per GPU. On one node the
 # reduction stays on NVLink and micro-batch 8 would gain 1.4% at ~74 GiB, so one node keeps 2.
+# The planner predicts two more gains that change TP / EP, so they are knobs here, not defaults (the
+# default keeps TP pairs and EP groups inside a node at every node count): one node, TP=1
+# ZERO_STAGE=2 (no SP collectives; the reduce-scatter of every micro-batch hides behind its backward
+# on NVLink) 10.98 s against 11.62 s; 32 nodes, TP=4 EP=32 (half the dense gradient bytes per GPU,
+# expert-DP 8 instead of 32; the script then adds the hierarchical exchange) 0.50 s against 0.67 s.
+# docs/PLANNER.md has the breakdowns.
 # --sequence-parallel is added when TP > 1. --moe-hierarchical-alltoall is added only when an EP group
 # spans nodes (EP > GPUS_PER_NODE): with EP 8 on 8-GPU nodes there is no inter-node exchange for it to
 # organise. Relaunching the same command resumes from $CKPT/latest (auto-resume).
