@@ -34,7 +34,8 @@ def _gather(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
     front = x.movedim(dim, 0).contiguous()  # [s_local, ...]
     out = front.new_empty((n * front.shape[0],) + tuple(front.shape[1:]))
     _all_gather_single(out, front, group=group)
-    return out.movedim(0, dim)
+    # contiguous: every consumer (q/k/v, gate/up, the LM head) would otherwise save its own copy
+    return out.movedim(0, dim).contiguous()
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:

@@ -276,12 +276,11 @@ def _norm_bytes(cfg: Config, sh: _Shape) -> int:
     return 8 * sh.residual * h + 4 * sh.residual + (4 * h if cfg.train.bf16 else 0)
 
 
-def _entered_input(cfg: Config, sh: _Shape, consumers: int) -> int:
-    """The [T, H] input the column-parallel projections of a block save. Under SP with micro-batch > 1
-    the sequence all-gather returns a non-contiguous [b, s, h] (comm._gather's movedim), so each of the
-    ``consumers`` matmuls (q, k, v; gate, up; the LM head) saves its own contiguous copy."""
-    copies = consumers if cfg.parallel.sequence_parallel and sh.b > 1 else 1
-    return copies * sh.a * sh.tokens * cfg.model.hidden_size
+def _entered_input(cfg: Config, sh: _Shape) -> int:
+    """The [T, H] input the column-parallel projections of a block save: one tensor shared by the
+    matmuls that read it (q, k, v; gate, up; the LM head). Under SP the sequence all-gather returns it
+    contiguous (comm._gather), so no matmul makes a copy of its own."""
+    return sh.a * sh.tokens * cfg.model.hidden_size
 
 
 def _attention_bytes(cfg: Config, sh: _Shape) -> int:
@@ -290,7 +289,7 @@ def _attention_bytes(cfg: Config, sh: _Shape) -> int:
     [b, n, s]; selective recompute keeps q, k, v and the output but not the logsumexp."""
     m = cfg.model
     d, a, t = m.kv_channels, sh.a, sh.tokens
-    qkv = a * t * (2 * sh.heads + 2 * sh.kv_heads) * d + _entered_input(cfg, sh, 3)
+    qkv = a * t * (2 * sh.heads + 2 * sh.kv_heads) * d + _entered_input(cfg, sh)
     lse = 0 if cfg.train.recompute_granularity == "selective" else 4 * sh.b * sh.heads * sh.s
     return qkv + 8 * sh.s * d + lse
 
@@ -299,7 +298,7 @@ def _dense_mlp_bytes(cfg: Config, sh: _Shape) -> int:
     """Gated MLP under TP: input [T, H] (see :func:`_entered_input`), gate output [T, 2I/tp], up output
     and product [T, I/tp]."""
     m = cfg.model
-    return _entered_input(cfg, sh, 2) + sh.a * sh.tokens * 4 * m.ffn_hidden_size // _tp(cfg)
+    return _entered_input(cfg, sh) + sh.a * sh.tokens * 4 * m.ffn_hidden_size // _tp(cfg)
 
 
 @dataclass(frozen=True)
@@ -401,7 +400,7 @@ def _head_bytes(cfg: Config, sh: _Shape) -> int:
     cross-entropy's fp32 softmax [T, V_local], local targets (int64), the outside mask and logsumexp."""
     m, tp, t = cfg.model, _tp(cfg), sh.tokens
     local = m.padded_vocab_size(tp) // tp
-    head = _norm_bytes(cfg, sh) + _entered_input(cfg, sh, 1)
+    head = _norm_bytes(cfg, sh) + _entered_input(cfg, sh)
     if tp == 1:
         logits = 4 * t * (m.vocab_size if cfg.train.bf16 else local)
         return head + logits + 4 * t + 8 * t
