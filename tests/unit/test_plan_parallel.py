@@ -17,6 +17,7 @@ from megamoe.planner.cost import (
     bubble_fraction,
     busiest,
     estimate,
+    expert_load_by_layer,
     load_imbalance,
     lower_bound,
     rank_layouts,
@@ -245,3 +246,23 @@ def test_calibration_round_trip_and_cluster(tmp_path):
     assert cluster.intra() == LinkFit(5e-4, 0.6) and cluster.intra_allreduce == LinkFit(2e-3, 0.85)
     assert cluster.share == 0.25 and not cluster.overlap  # 8 ranks on 2 cores
     assert Cluster.from_calibration(cal, 1, 5, 4.0).intra() == LinkFit(1e-3, 0.9)  # nearest measured W
+
+
+def test_expert_load_file_slows_the_ep_layouts(tmp_path, capsys):
+    """A skewed measured load (the rebalancer's format) makes the busiest EP rank compute more and
+    sends more rows to it; the CLI takes the file."""
+    base = parse_args(TINY)
+    skewed = [[40, 20, 10, 5, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 50]]
+    cluster = tiny_cluster()
+    lay = layout(ep=4)
+    cfg = lay.apply(base)
+    load = expert_load_by_layer(cfg, skewed)
+    uniform = busiest(cfg, lay, cluster, None, memory_per_rank(cfg, 4).optimizer)
+    measured = busiest(cfg, lay, cluster, skewed, memory_per_rank(cfg, 4, load).optimizer)
+    assert measured.compute_s > uniform.compute_s
+    assert measured.exchange_intra_s > uniform.exchange_intra_s
+    path = tmp_path / "loads.json"
+    path.write_text(json.dumps(skewed))
+    assert plan_parallel.main(TINY + ["--expert-load", str(path), "--top", "1", "--json",
+                                      "--max-evaluations", "30"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 1
