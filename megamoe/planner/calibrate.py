@@ -37,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from queue import Empty
 from typing import Any
 
 import torch
@@ -147,6 +148,9 @@ def on_forked_ranks(world: int, fn: Callable, *args: Any, timeout: float = 300.0
             p.start()
         try:
             results = dict(queue.get(timeout=timeout) for _ in range(world))
+        except Empty:
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            raise RuntimeError(f"calibration ranks timed out after {timeout} s (dead: {dead})") from None
         finally:
             for p in procs:
                 p.join(timeout=5)
