@@ -12,7 +12,7 @@
   Ranks that outnumber the cores (CPU) share them: the rate is divided by world_size / cores.
 - fixed: per micro-batch and decoder layer forward + backward (Python, autograd, launches), measured by
   calibration; 0 on a GPU cluster unless given.
-- communication: bytes and messages each rank sends, from :mod:`megamoe.planner.traffic`, over the
+- communication: bytes and messages each rank sends, from :mod:`megamoe.planner.step_traffic`, over the
   cluster's intra- or inter-node bandwidth plus a latency per message. TP collectives and the
   gradient reduction use the all-reduce fit, the expert exchange the all-to-all fit.
 - overlap (only when every rank has a core or device of its own, ``Cluster.overlap``): K > 1 chunks of
@@ -34,7 +34,8 @@ from megamoe.config import Config, ConfigError
 from megamoe.planner.calibrate import Calibration, LinkFit
 from megamoe.planner.layouts import Layout, SearchSpace, enumerate_layouts
 from megamoe.planner.memory import MemoryEstimate, memory_per_rank
-from megamoe.planner.traffic import StepTraffic, Traffic, step_traffic
+from megamoe.planner.step_traffic import StepTraffic, step_traffic
+from megamoe.planner.traffic import Traffic
 from megamoe.training.metrics import model_flops_per_token
 
 GB = 1e9
@@ -175,7 +176,7 @@ def step_flops(cfg: Config, layout: Layout, expert_load: Sequence[Sequence[float
 
 
 def _seconds(t: Traffic, intra: LinkFit, inter: LinkFit) -> tuple[float, float]:
-    """(intra, inter) seconds of a traffic.Traffic."""
+    """(intra, inter) seconds of a :class:`megamoe.planner.traffic.Traffic`."""
     return (intra.seconds(t.bytes_intra, t.msgs_intra), inter.seconds(t.bytes_inter, t.msgs_inter))
 
 
@@ -200,7 +201,7 @@ def estimate(cfg: Config, layout: Layout, cluster: Cluster, traffic: StepTraffic
              expert_load: Sequence[Sequence[float]] | None = None,
              optimizer_bytes: float = 0.0) -> StepBreakdown:
     """The breakdown of ``layout`` (applied to ``cfg``) given its step traffic (the busiest rank's
-    :class:`megamoe.planner.traffic.StepTraffic`) and the optimizer state it updates per rank."""
+    :class:`megamoe.planner.step_traffic.StepTraffic`) and the optimizer state it updates per rank."""
     flops = step_flops(cfg, layout, expert_load)
     rate = _rate(cluster)
     compute = (flops.dense + flops.expert + flops.recompute) / rate

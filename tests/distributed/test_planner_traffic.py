@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from megamoe.arguments import parse_args
-from megamoe.planner.traffic import exchange_traffic, expected_counts, layout_mesh, step_collectives
+from megamoe.planner.step_traffic import step_collectives
+from megamoe.planner.traffic import exchange_traffic, expected_counts, layout_mesh
 from tests.harness import TINY_ARGS, run_ranks
 
 ITERS = 2

@@ -26,7 +26,8 @@ from megamoe.planner.cost import (
 )
 from megamoe.planner.layouts import Layout, SearchSpace, enumerate_layouts, layout_of
 from megamoe.planner.memory import memory_per_rank
-from megamoe.planner.traffic import StepTraffic, Traffic
+from megamoe.planner.step_traffic import StepTraffic
+from megamoe.planner.traffic import Traffic
 from megamoe.training.metrics import model_flops_per_token
 from tools import plan_parallel
 

@@ -13,13 +13,13 @@ import pytest
 from megamoe.arguments import parse_args
 from megamoe.config import ConfigError
 from megamoe.model.openmoe import count_parameters
+from megamoe.planner.step_traffic import step_traffic
 from megamoe.planner.traffic import (
     Collective,
     Traffic,
     exchange_traffic,
     expected_counts,
     expected_exchange_traffic,
-    step_traffic,
 )
 from tests.harness import TINY_ARGS
 
