@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megamoe.arguments import parse_args  # noqa: E402
 from megamoe.config import Config, ConfigError  # noqa: E402
+from megamoe.moe.placement_plan import read_layer_lists  # noqa: E402
 from megamoe.planner.calibrate import Calibration, calibrate  # noqa: E402
 from megamoe.planner.cost import (  # noqa: E402
     GIB,
@@ -121,19 +122,13 @@ def check_cluster(args: argparse.Namespace) -> None:
 
 
 def read_expert_load(path: str | None) -> list[list[float]] | None:
+    """--expert-load in the rebalancer's format (one list of per-expert loads per MoE layer), or None."""
     if path is None:
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read --expert-load {path}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--expert-load {path} is not JSON ({e}); write it with json.dump") from None
-    if not isinstance(value, list) or not value or not all(isinstance(v, list) for v in value):
-        raise ConfigError(f"--expert-load {path} must be a list with one list of per-expert loads per "
-                          "MoE layer")
-    return value
+        return read_layer_lists(path, "--expert-load")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def build_cluster(args: argparse.Namespace, cfg: Config) -> Cluster:

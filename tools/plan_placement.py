@@ -31,22 +31,8 @@ from megamoe.moe.placement_plan import (  # noqa: E402
     max_over_mean,
     moves,
     plan_placement,
+    read_layer_lists,
 )
-
-
-def read_json_list(path: str, what: str) -> list:
-    """The JSON list in ``path``; ValueError (one line) if it cannot be read or is not a list."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            value = json.load(file)
-    except OSError as error:
-        raise ValueError(f"cannot read {what} {path}: {error.strerror or error}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{what} {path} is not JSON ({error}); write it with json.dump") from None
-    if not isinstance(value, list) or not all(isinstance(entry, list) for entry in value) or not value:
-        raise ValueError(f"{what} {path} must be a non-empty list with one list per MoE layer; wrap a "
-                         f"single layer in [...]")
-    return value
 
 
 def contiguous(num_experts: int, ep_size: int) -> list[int]:
@@ -100,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="max/mean a moved expert must buy (ours only; 0: any gain)")
     args = parser.parse_args(argv)
     try:
-        layer_loads = read_json_list(args.loads, "--loads")
-        current = None if args.current is None else read_json_list(args.current, "--current")
+        layer_loads = read_layer_lists(args.loads, "--loads")
+        current = None if args.current is None else read_layer_lists(args.current, "--current")
         result = plan_layers(layer_loads, current, args.expert_model_parallel_size,
                              args.ranks_per_node, args.method, args.move_cost)
     except ValueError as error:

@@ -21,6 +21,7 @@ Two planners, measured side by side in bench/planner_quality.py:
 from __future__ import annotations
 
 import heapq
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -544,3 +545,19 @@ def _child(state: _BeamState, swap: tuple, score: float, group_swap_factor: floa
         for slot in {slot_a, slot_b}:
             penalty[rank, slot] += _REPEAT_SLOT_PENALTY - group_swap_factor
     return _BeamState(data, score, state.swaps + [swap], penalty)
+
+
+def read_layer_lists(path: str, what: str) -> list:
+    """The rebalancer's per-layer file format: a JSON list with one list per MoE layer (per-expert
+    loads, or EP ranks of a placement). ValueError (one line) if it cannot be read or is not one."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            value = json.load(file)
+    except OSError as error:
+        raise ValueError(f"cannot read {what} {path}: {error.strerror or error}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{what} {path} is not JSON ({error}); write it with json.dump") from None
+    if not isinstance(value, list) or not all(isinstance(entry, list) for entry in value) or not value:
+        raise ValueError(f"{what} {path} must be a non-empty list with one list per MoE layer; wrap a "
+                         f"single layer in [...]")
+    return value
