@@ -1,24 +1,15 @@
-"""Test harness: run a function on N fork-started gloo ranks, and train openmoe-tiny under a layout.
-
-``run_ranks(n, fn, *args)`` starts n processes (fork: ~0.1 s each), one thread each, joined into a
-gloo process group through a file rendezvous, runs ``fn(rank, world_size, *args)`` on each and returns
-the per-rank results. A rank that raises or dies fails the whole call with its traceback; a hang
-fails after ``timeout`` seconds instead of blocking the suite.
-"""
+"""Test harness: run a function on N fork-started gloo ranks (``run_ranks``, from
+megamoe.parallel.forked, which the planner's calibration uses too), and train openmoe-tiny under a
+layout (``train_losses``)."""
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing as mp
-import os
-import queue
-import tempfile
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from megamoe.parallel.forked import run_ranks
 
 
 def _warm_up_lazy_imports() -> None:
@@ -32,50 +23,6 @@ def _warm_up_lazy_imports() -> None:
 
 
 _warm_up_lazy_imports()
-
-
-def _worker(rank: int, world: int, init_file: str, fn: Callable, args: tuple, out: mp.Queue) -> None:
-    try:
-        torch.set_num_threads(1)
-        if world > 1:
-            dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                    world_size=world, timeout=datetime.timedelta(seconds=120))
-        result = fn(rank, world, *args)
-        out.put((rank, "ok", result))
-    except BaseException:  # noqa: BLE001 - report everything to the parent
-        out.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 300.0) -> list[Any]:
-    """Run ``fn(rank, world, *args)`` on ``world`` fork-started ranks; return results by rank."""
-    ctx = mp.get_context("fork")
-    out: mp.Queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_worker, args=(r, world, init_file, fn, args, out), daemon=True)
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        results: dict[int, Any] = {}
-        try:
-            while len(results) < world:
-                try:
-                    rank, status, payload = out.get(timeout=timeout)
-                except queue.Empty as e:
-                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                    raise RuntimeError(f"ranks timed out after {timeout}s (dead ranks: {dead})") from e
-                if status == "error":
-                    raise RuntimeError(f"rank {rank} failed:\n{payload}")
-                results[rank] = payload
-        finally:
-            for p in procs:
-                p.join(timeout=5)
-                if p.is_alive():
-                    p.kill()
-    return [results[r] for r in range(world)]
 
 
 TINY_ARGS = ["--model-preset", "openmoe-tiny", "--mock-data", "--seq-length", "32",

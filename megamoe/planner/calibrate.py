@@ -28,22 +28,19 @@ What is measured, and why each is needed by :mod:`megamoe.planner.cost`:
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
-import multiprocessing as mp
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from queue import Empty
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from megamoe.config import Config
+from megamoe.parallel.forked import run_ranks
 
 SIZES_BYTES = (1 << 16, 1 << 20, 1 << 22, 1 << 24)  # per-rank buffers: 64 KiB .. 16 MiB of fp32
 REPS = 7
@@ -124,48 +121,10 @@ def _collective_times(rank: int, world: int, sizes: Sequence[int], reps: int) ->
     return out
 
 
-def _rank_main(rank: int, world: int, init: str, fn: Callable, args: tuple, queue: mp.Queue) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
-        queue.put((rank, fn(rank, world, *args)))
-    except BaseException as error:  # noqa: BLE001 - the parent reports it
-        queue.put((rank, error))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def on_forked_ranks(world: int, fn: Callable, *args: Any, timeout: float = 300.0) -> list[Any]:
-    """``fn(rank, world, *args)`` on ``world`` fork-started gloo ranks (one thread each), by rank."""
-    ctx = mp.get_context("fork")
-    queue: mp.Queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_rank_main, args=(r, world, os.path.join(tmp, "rdzv"), fn, args, queue),
-                             daemon=True) for r in range(world)]
-        for p in procs:
-            p.start()
-        try:
-            results = dict(queue.get(timeout=timeout) for _ in range(world))
-        except Empty:
-            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-            raise RuntimeError(f"calibration ranks timed out after {timeout} s (dead: {dead})") from None
-        finally:
-            for p in procs:
-                p.join(timeout=5)
-                if p.is_alive():
-                    p.kill()
-    errors = [f"rank {r}: {e!r}" for r, e in results.items() if isinstance(e, BaseException)]
-    if errors:
-        raise RuntimeError("calibration failed on " + "; ".join(errors))
-    return [results[r] for r in range(world)]
-
-
 def measure_links(world: int, sizes: Sequence[int] = SIZES_BYTES,
                   reps: int = REPS) -> tuple[LinkFit, LinkFit]:
     """(all-to-all fit, all-reduce fit) between ``world`` forked ranks; the slowest rank per size."""
-    per_rank = on_forked_ranks(world, _collective_times, list(sizes), reps)
+    per_rank = run_ranks(world, _collective_times, list(sizes), reps)
     fits = []
     for name in ("alltoall", "allreduce"):
         slowest = [max(r[name][i] for r in per_rank) for i in range(len(sizes))]
