@@ -270,10 +270,8 @@ class _Shape:
 
 
 def _norm_bytes(cfg: Config, sh: _Shape) -> int:
-    """RMSNorm: x in fp32 (a copy under bf16), rsqrt [T, 1], normalised x (fp32), and under bf16 the
-    fp32 copy of the weight."""
-    h = cfg.model.hidden_size
-    return 8 * sh.residual * h + 4 * sh.residual + (4 * h if cfg.train.bf16 else 0)
+    """RMSNorm (model/layers.py's fused function): x in fp32 (a copy under bf16) and rsqrt [T, 1]."""
+    return 4 * sh.residual * cfg.model.hidden_size + 4 * sh.residual
 
 
 def _entered_input(cfg: Config, sh: _Shape) -> int:
