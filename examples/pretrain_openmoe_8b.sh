@@ -23,12 +23,12 @@
 #   checkpoint    written by DP rank 0 (dense) and expert-DP rank 0 (experts): ranks 0-7, the first node.
 # Micro-batch (MBS): 2 on one node; on more nodes the largest of 8, 4, 2 that divides GBS / DP. The
 # parallel planner (tools/plan_parallel.py, docs/PLANNER.md) predicts this layout's step on 8 nodes of
-# H100s at 1.75 s with micro-batch 2 and 1.48 s (1.19x faster) with 8, on 32 nodes 0.94 s against
+# H100s at 1.75 s with micro-batch 2 and 1.48 s (1.19x faster) with 8, on 32 nodes 0.93 s against
 # 0.67 s (1.39x): megamoe starts a gradient bucket's reduction after the step's LAST micro-batch
 # delivered it, so only that micro-batch's backward hides the cross-node DP / expert-DP reduction (and
 # only the first micro-batch's forward hides the ZeRO parameter all-gather); fewer, larger
-# micro-batches hide more. Activations then take ~42 of the planner's ~59 GiB per GPU. On one node the
-# reduction stays on NVLink and micro-batch 8 would gain 1.4% at ~74 GiB, so one node keeps 2.
+# micro-batches hide more. Activations then take ~34 of the planner's ~51 GiB per GPU. On one node the
+# reduction stays on NVLink and micro-batch 8 would gain 1.4% at ~66 GiB, so one node keeps 2 (headroom).
 # The planner predicts two more gains that change TP / EP, so they are knobs here, not defaults (the
 # default keeps TP pairs and EP groups inside a node at every node count): one node, TP=1
 # ZERO_STAGE=2 (no SP collectives; the reduce-scatter of every micro-batch hides behind its backward
