@@ -23,6 +23,7 @@ on stderr saying what does not fit and by how much (exit 2).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -63,6 +64,9 @@ def planner_parser() -> argparse.ArgumentParser:
     c.add_argument("--nodes", type=int, default=1)
     c.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node")
     c.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per rank (GiB)")
+    c.add_argument("--memory-headroom-gib", type=float, default=0.0,
+                   help="memory per rank a layout must leave free (fragmentation, NCCL buffers, the "
+                        "memory model's error)")
     c.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak per rank (H100 BF16: 989)")
     c.add_argument("--efficiency", type=float, default=0.5, help="share of the peak the GEMMs reach")
     c.add_argument("--intra-node-bandwidth", type=float, default=450.0, help="GB/s per rank (NVLink)")
@@ -119,6 +123,9 @@ def check_cluster(args: argparse.Namespace) -> None:
                  "inter_node_bandwidth"):
         if not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.memory_headroom_gib < args.gpu_memory_gib:
+        raise ConfigError(f"--memory-headroom-gib must be in [0, --gpu-memory-gib {args.gpu_memory_gib:g}), "
+                          f"got {args.memory_headroom_gib:g}")
 
 
 def read_expert_load(path: str | None) -> list[list[float]] | None:
@@ -146,8 +153,10 @@ def build_cluster(args: argparse.Namespace, cfg: Config) -> Cluster:
                               f"({e}); run --calibrate") from None
     else:
         return Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gib, args.peak_tflops,
-                       args.intra_node_bandwidth, args.inter_node_bandwidth, efficiency=args.efficiency)
-    return Cluster.from_calibration(cal, args.nodes, args.gpus_per_node, args.gpu_memory_gib)
+                       args.intra_node_bandwidth, args.inter_node_bandwidth, efficiency=args.efficiency,
+                       memory_headroom_gib=args.memory_headroom_gib)
+    measured = Cluster.from_calibration(cal, args.nodes, args.gpus_per_node, args.gpu_memory_gib)
+    return dataclasses.replace(measured, memory_headroom_gib=args.memory_headroom_gib)
 
 
 def as_json(plan: PlannedLayout, flags: list[str]) -> dict:
@@ -204,14 +213,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=1))
         return 0
     print(f"{ranking.fitting} layouts fit {cluster.nodes}x{cluster.gpus_per_node} ranks "
-          f"({cluster.gpu_memory_gib:g} GiB each); the {len(top)} fastest predicted "
+          f"({cluster.gpu_memory_gib:g} GiB each, {cluster.memory_headroom_gib:g} kept free); "
+          f"the {len(top)} fastest predicted "
           f"({ranking.evaluated} evaluated in full; "
           + ("STOPPED at --max-evaluations: not proven the fastest" if ranking.exhausted else
              f"no other can be more than {ranking.tolerance:.0%} faster than #{len(top)}") + "):")
     for i, (p, f) in enumerate(zip(top, flags), 1):
         print(describe(i, p, f, cluster))
     if given is not None:
-        fits = given.memory_gib <= cluster.gpu_memory_gib
+        fits = given.memory_gib <= cluster.usable_memory_gib
         print(f"--evaluate: {given.step_time_s / top[0].step_time_s:.3f}x #1's step"
               + ("" if fits else " and DOES NOT FIT in memory") + "\n"
               + describe(0, given, model + args.evaluate.split(), cluster))

@@ -58,8 +58,15 @@ class Cluster:
     intra_allreduce: LinkFit | None = None
     layer_overhead_s: float = 0.0
     microbatch_overhead_s: float = 0.0
+    # memory a layout must leave free (allocator fragmentation, NCCL buffers, the model's error)
+    memory_headroom_gib: float = 0.0
     cores: int | None = None  # CPU: ranks share this many cores; None: a device per rank
     optimizer_bytes_per_s: float = 1.5e12  # AdamW streams its state at about half of HBM bandwidth
+
+    @property
+    def usable_memory_gib(self) -> float:
+        """What a layout may use per rank: the memory less the headroom."""
+        return self.gpu_memory_gib - self.memory_headroom_gib
 
     @property
     def world_size(self) -> int:
@@ -338,8 +345,14 @@ def _too_small(base: Config, cluster: Cluster, leanest: tuple, model_name: str) 
         f"{model_name} needs at least {need / GIB:.1f} GiB per rank (weights+grads+optimizer {state:.1f}, "
         f"activations+exchange buffers {(mem.activations + mem.exchange_buffers) / GIB:.1f}) at its leanest "
         f"layout on {cluster.nodes}x{cluster.gpus_per_node} ranks ({layout.label()}); --gpu-memory-gib "
-        f"{cluster.gpu_memory_gib:g} is {need / GIB - cluster.gpu_memory_gib:.1f} GiB short: add nodes or "
-        "memory, or shorten --seq-length / the model")
+        f"{cluster.gpu_memory_gib:g}{_headroom_note(cluster)} is "
+        f"{need / GIB - cluster.usable_memory_gib:.1f} GiB short: add nodes or memory, or shorten "
+        "--seq-length / the model")
+
+
+def _headroom_note(cluster: Cluster) -> str:
+    headroom = cluster.memory_headroom_gib
+    return f" less --memory-headroom-gib {headroom:g}" if headroom else ""
 
 
 def busiest(cfg: Config, layout: Layout, cluster: Cluster, expert_load: Sequence[Sequence[float]] | None,
@@ -389,7 +402,7 @@ def rank_layouts(base: Config, cluster: Cluster, expert_load: Sequence[Sequence[
                           f"(heads {base.model.num_attention_heads}, layers {base.model.num_layers}, experts "
                           f"{base.moe.num_experts}, --global-batch-size {base.train.global_batch_size}); "
                           "change the cluster size or the batch")
-    fits, leanest = _fitting(base, layouts, cluster.gpu_memory_gib * GIB, load)
+    fits, leanest = _fitting(base, layouts, cluster.usable_memory_gib * GIB, load)
     if not fits:
         raise _too_small(base, cluster, leanest, model_name)
     bounded = sorted(((lower_bound(cfg, lay, cluster, expert_load, mem.optimizer), i)

@@ -216,9 +216,33 @@ def test_too_small_cluster_is_one_line(capsys):
     assert need > 16 and short == pytest.approx(need - 16, abs=0.1)
 
 
+def test_memory_headroom_is_kept_free(capsys):
+    """--memory-headroom-gib: the too-small line counts it, and every listed layout leaves it free."""
+    base = ["--model-preset", "openmoe-34b", "--global-batch-size", "8", "--nodes", "1",
+            "--gpus-per-node", "1", "--gpu-memory-gib", "16"]
+    assert plan_parallel.main(base + ["--memory-headroom-gib", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    need = float(err.split("needs at least ")[1].split(" GiB")[0])
+    short = float(err.split("is ")[-1].split(" GiB short")[0])
+    assert "less --memory-headroom-gib 4" in err and short == pytest.approx(need - 12, abs=0.1)
+    assert plan_parallel.main(TINY + ["--gpus-per-node", "2", "--top", "50", "--max-evaluations", "50",
+                                      "--json"]) == 0
+    plans = json.loads(capsys.readouterr().out)
+    most = max(plan["memory_gib"] for plan in plans)
+    memory = most * 0.999  # just under the largest listed layout: it no longer fits
+    assert plan_parallel.main(TINY + ["--gpus-per-node", "2", "--top", "50", "--max-evaluations", "50",
+                                      "--json", "--gpu-memory-gib", f"{memory + 1}",
+                                      "--memory-headroom-gib", "1"]) == 0
+    kept = json.loads(capsys.readouterr().out)
+    largest = max(plans, key=lambda plan: plan["memory_gib"])["label"]
+    assert kept and all(plan["memory_gib"] <= memory for plan in kept)
+    assert largest not in {plan["label"] for plan in kept}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size is chosen by the planner"),
     (["--gpu-memory-gib", "0"], "--gpu-memory-gib must be positive"),
+    (["--memory-headroom-gib", "80"], "--memory-headroom-gib must be in [0, --gpu-memory-gib 80)"),
     (["--expert-load", "/nonexistent.json"], "cannot read --expert-load"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):
