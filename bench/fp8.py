@@ -48,6 +48,7 @@ import torch
 from megamoe.model.init import init_model_weights
 from megamoe.moe.experts import GroupedExperts
 from megamoe.moe.fp8 import FP8_MAX, FP8Recipe, finish_fp8_step, group_amax, pow2_scale
+from megamoe.training.metrics import write_json_aside  # noqa: E402
 
 RECIPES = ("delayed", "tensorwise", "blockwise")
 ROWS_MULTIPLE = 16  # FP8 GEMM kernels (cuBLASLt, TE) want every dimension a multiple of 16
@@ -482,10 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         payload = {"args": vars(args), "device": str(device), "torch": torch.__version__,
                    "emulated": device.type != "cuda", "rows": [finite(r) for r in rows]}
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1, default=str)
-        os.replace(tmp, args.json)  # never a half-written file under the final name
+        write_json_aside(args.json, payload, indent=1, default=str)
         print(f"wrote {args.json}")
 
 

@@ -20,7 +20,6 @@ docs/ARCHITECTURE.md, "MFU").
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,7 +33,11 @@ import torch  # noqa: E402
 from megamoe.arguments import parse_args  # noqa: E402
 from megamoe.parallel.mesh import ParallelMesh  # noqa: E402
 from megamoe.training import loop  # noqa: E402
-from megamoe.training.metrics import model_flops_per_token, robust_peak_tflops  # noqa: E402
+from megamoe.training.metrics import (  # noqa: E402
+    model_flops_per_token,
+    robust_peak_tflops,
+    write_json_aside,  # noqa: E402
+)
 from megamoe.training.run import pretrain  # noqa: E402
 
 COMMON = ["--mock-data", "--lr", "1e-3", "--lr-warmup-iters", "1", "--log-interval", "1000000",
@@ -133,9 +136,8 @@ def main() -> int:
               f"{r['step_s'] * 1e3:.1f} | {r['cpu_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | "
               f"{r['tflops'] * 1e3:.1f} | {r['mfu'] * 100:.1f}% | {r['mfu_cpu'] * 100:.1f}% |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(peak_tflops=peak, peaks=peaks, old_peaks=olds, iters=args.iters,
-                           warmup=args.warmup, results=results), f, indent=1)
+        write_json_aside(args.json, dict(peak_tflops=peak, peaks=peaks, old_peaks=olds, iters=args.iters,
+                                         warmup=args.warmup, results=results), indent=1)
     return 0
 
 

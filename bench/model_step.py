@@ -29,7 +29,6 @@ half, top-k experts), the same number for megamoe-mixtral and transformers' Mixt
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -46,7 +45,11 @@ from megamoe.arguments import parse_args as megamoe_args  # noqa: E402
 from megamoe.parallel.mesh import ParallelMesh  # noqa: E402
 from megamoe.parallel.optimizer import build_optimizer  # noqa: E402
 from megamoe.training.loop import Trainer  # noqa: E402
-from megamoe.training.metrics import MetricsLogger, model_flops_per_token  # noqa: E402
+from megamoe.training.metrics import (  # noqa: E402
+    MetricsLogger,
+    model_flops_per_token,
+    write_json_aside,  # noqa: E402
+)
 from megamoe.training.run import build_datasets, build_model  # noqa: E402
 
 Step = Callable[[], float]  # runs one step, returns its loss
@@ -225,11 +228,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{summary['tokens_per_s_ratio_vs_best_hf']:.2f}x (CPU clock: "
               f"{summary['tokens_per_cpu_s_ratio_vs_best_hf']:.2f}x)")
     if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(dict(args=vars(a), tokens_per_step=tok, summary=summary, results=rows,
-                           torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                           load_avg=os.getloadavg()), f, indent=1)
+        write_json_aside(a.json, dict(args=vars(a), tokens_per_step=tok, summary=summary, results=rows,
+                                      torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                                      load_avg=os.getloadavg()), indent=1)
     return 0
 
 

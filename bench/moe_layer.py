@@ -25,7 +25,6 @@ FLOPs are routing-independent: 6 (fwd+bwd) * T*k * (params per expert); the rout
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from torch import nn
 from megamoe.config import MoEConfig
 from megamoe.model.init import init_model_weights
 from megamoe.moe.layer import MoELayer, MoEStats
+from megamoe.training.metrics import write_json_aside  # noqa: E402
 
 Step = Callable[[], None]
 
@@ -384,8 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         payload = {"args": vars(args), "summary": summ,
                    "results": [asdict(r) | {"median_ms": r.median, "median_cpu_ms": r.median_cpu,
                                                 "gflops": r.gflops} for r in results]}
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
+        write_json_aside(args.json, payload, indent=2)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from megamoe.moe.placement_plan import (  # noqa: E402
     plan_placement,
     slot_lower_bound,
 )
+from megamoe.training.metrics import write_json_aside  # noqa: E402
 
 Planner = Callable[[list[float], list[int], int], list[int]]
 
@@ -153,14 +154,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_aside(path: str, results: dict) -> None:
-    """Write under a temporary name and rename, so a killed run never leaves half a file."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(results, file, indent=1)
-    os.replace(temporary, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = [evaluate(family, num_experts, ep_size, layers, args.ranks_per_node)
@@ -174,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     print(markdown(rows))
     if args.output:
-        write_aside(args.output, {"config": vars(args), "rows": rows})
+        write_json_aside(args.output, {"config": vars(args), "rows": rows}, indent=1)
     return 0
 
 

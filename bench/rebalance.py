@@ -50,7 +50,6 @@ measured gain", for what that does to the step-time ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -67,6 +66,7 @@ import megamoe.moe.layer as moe_layer  # noqa: E402
 from megamoe.moe.placement_plan import slot_lower_bound  # noqa: E402
 from megamoe.moe.router import Routing  # noqa: E402
 from megamoe.training import loop  # noqa: E402
+from megamoe.training.metrics import write_json_aside  # noqa: E402
 from tests.harness import TINY_ARGS, _train_rank, run_ranks  # noqa: E402
 
 WARMUP = 2  # iterations skipped at the start of each phase
@@ -344,10 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     for result in results:
         print(table(result) + "\n", flush=True)
     if args.output:
-        tmp = args.output + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(dict(config=vars(args), cpu_count=os.cpu_count(), results=results), f, indent=1)
-        os.replace(tmp, args.output)  # never a half-written file under the final name
+        write_json_aside(args.output, dict(config=vars(args), cpu_count=os.cpu_count(), results=results),
+                         indent=1)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ on stderr saying what does not fit and by how much (exit 2).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -155,24 +154,25 @@ def build_cluster(args: argparse.Namespace, cfg: Config) -> Cluster:
         return Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gib, args.peak_tflops,
                        args.intra_node_bandwidth, args.inter_node_bandwidth, efficiency=args.efficiency,
                        memory_headroom_gib=args.memory_headroom_gib)
-    measured = Cluster.from_calibration(cal, args.nodes, args.gpus_per_node, args.gpu_memory_gib)
-    return dataclasses.replace(measured, memory_headroom_gib=args.memory_headroom_gib)
+    return Cluster.from_calibration(cal, args.nodes, args.gpus_per_node, args.gpu_memory_gib,
+                                    args.memory_headroom_gib)
+
+
+MEMORY_PARTS = ("weights", "grads", "optimizer", "activations", "exchange_buffers")  # MemoryEstimate's
 
 
 def as_json(plan: PlannedLayout, flags: list[str]) -> dict:
     m = plan.memory
     return dict(label=plan.layout.label(), step_time_s=plan.step_time_s, memory_gib=plan.memory_gib,
                 breakdown=plan.breakdown.as_dict(),
-                memory={k: getattr(m, k) / GIB for k in ("weights", "grads", "optimizer", "activations",
-                                                         "exchange_buffers")},
+                memory={k: getattr(m, k) / GIB for k in MEMORY_PARTS},
                 layout={k: v for k, v in vars(plan.layout).items()}, flags=flags)
 
 
 def describe(i: int, plan: PlannedLayout, flags: list[str], cluster: Cluster) -> str:
     b, m = plan.breakdown, plan.memory
     terms = ", ".join(f"{name} {getattr(b, key):.3g}" for name, key in BREAKDOWN if getattr(b, key) > 0)
-    mem = ", ".join(f"{k.replace('_', ' ')} {getattr(m, k) / GIB:.2f}" for k in
-                    ("weights", "grads", "optimizer", "activations", "exchange_buffers"))
+    mem = ", ".join(f"{k.replace('_', ' ')} {getattr(m, k) / GIB:.2f}" for k in MEMORY_PARTS)
     return (f"#{i} {plan.layout.label()}\n"
             f"   step {plan.step_time_s:.4g} s: {terms} (s)\n"
             f"   memory {plan.memory_gib:.2f} of {cluster.gpu_memory_gib:g} GiB per rank: {mem} (GiB)\n"

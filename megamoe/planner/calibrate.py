@@ -81,9 +81,9 @@ class Calibration:
         return Calibration(**{**obj, **fits})
 
     def save(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(self.to_json(), f, indent=1, sort_keys=True)
+        from megamoe.training.metrics import write_json_aside
+
+        write_json_aside(path, self.to_json(), indent=1, sort_keys=True)
 
     @staticmethod
     def load(path: str) -> Calibration:

@@ -89,7 +89,8 @@ class Cluster:
         return LinkFit(self.inter_latency_s, self.inter_node_bandwidth)
 
     @staticmethod
-    def from_calibration(cal: Calibration, nodes: int, gpus_per_node: int, memory_gib: float) -> Cluster:
+    def from_calibration(cal: Calibration, nodes: int, gpus_per_node: int, memory_gib: float,
+                         memory_headroom_gib: float = 0.0) -> Cluster:
         """This machine as measured, for nodes x gpus_per_node ranks (the fits of the nearest world
         size measured: collectives between W forked ranks on shared cores cost what W's fit says)."""
         world = nodes * gpus_per_node
@@ -101,7 +102,8 @@ class Cluster:
                        efficiency=1.0, intra_latency_s=a2a.latency_s, inter_latency_s=a2a.latency_s,
                        intra_allreduce=ar, layer_overhead_s=cal.layer_overhead_s,
                        microbatch_overhead_s=cal.microbatch_overhead_s, cores=cal.cores,
-                       optimizer_bytes_per_s=cal.optimizer_bytes_per_s)
+                       optimizer_bytes_per_s=cal.optimizer_bytes_per_s,
+                       memory_headroom_gib=memory_headroom_gib)
 
 
 @dataclass(frozen=True)

@@ -239,18 +239,29 @@ def read_peaks(path: str | None) -> dict[str, Any]:
         return {}  # none yet, or unreadable: measure (and try to write a good one)
 
 
+def write_json_aside(path: str | os.PathLike, value: Any, **dump_kwargs: Any) -> None:
+    """``value`` as JSON at ``path`` (its directory created), written under a temporary name beside it
+    and renamed into place: a reader or a crash never sees half a file. For results, calibrations and
+    caches (benchmarks, the planner, the CPU peak)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(value, f, **dump_kwargs)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _store_peak(path: str | None, key: str, entry: dict[str, Any]) -> None:
     """Write-then-rename, so a concurrent reader (another rank starting) sees the old file or the new
     one, never half of one; a store that fails only costs the next start-up a measurement."""
     if path is None:
         return
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        peaks = read_peaks(path) | {key: entry}
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(peaks, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        write_json_aside(path, read_peaks(path) | {key: entry}, indent=1, sort_keys=True)
     except OSError:
         pass
 
