@@ -375,7 +375,7 @@ def profile_ops(layer: MoELayer, x: torch.Tensor) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
-GEMM_OPS = ("aten::mm", "aten::_grouped_mm", "aten::bmm", "aten::addmm")
+GEMM_OPS = ("aten::mm", "aten::_grouped_mm", "aten::bmm", "aten::addmm", "aten::addmm_")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -61,12 +64,12 @@ def _owned(grad: torch.Tensor, like: torch.Tensor) -> bool:
 
 
 def _gated_mul_backward_in_place(h_gate: torch.Tensor, h_up: torch.Tensor, grad: torch.Tensor,
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """d_gate into h_gate's buffer, d_up into grad's; one new [N, I] buffer (silu(x2)). On the CPU every
-    buffer of >= 32 MiB is a fresh mmap that page-faults on first touch, so each one not allocated is
-    ~12 ms per 32 MiB (bench/README.md, "Expert MLP kernels")."""
+                                 silu_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """d_gate into h_gate's buffer, d_up into grad's; one new [N, I] buffer (silu(x2)), or
+    ``silu_out``'s. On the CPU every buffer of >= 32 MiB is a fresh mmap that page-faults on first
+    touch, so each one not allocated is ~12 ms per 32 MiB (bench/README.md, "Expert MLP kernels")."""
     x1, x2 = h_gate.chunk(2, dim=-1)
-    s = F.silu(x2)
+    s = F.silu(x2) if silu_out is None else torch.ops.aten.silu.out(x2, out=silu_out)
     d_a = h_up.mul_(grad)  # d(x1 * silu(x2)) = grad * up; up is dead
     d_up = grad.mul_(x1)  # grad * x1, times s below; grad is dead
     d_s = x1.mul_(d_a)  # d silu(x2); x1 is dead
@@ -97,18 +100,26 @@ class _SwiGLU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         h_gate, h_up = ctx.saved_tensors
-        s = F.silu(h_gate)  # recomputed
         if ctx.reuse_buffers and all(ctx.needs_input_grad[:2]) and _owned(grad, h_up):
-            d_s = h_up.mul_(grad)  # grad * up; up is dead
-            d_up = grad.mul_(s)
-            torch.ops.aten.silu_backward.grad_input(d_s, h_gate, grad_input=h_gate)
-            return h_gate, d_up, None
+            return (*_swiglu_backward_in_place(h_gate, h_up, grad), None)
+        s = F.silu(h_gate)  # recomputed
         d_gate = d_up = None
         if ctx.needs_input_grad[0]:
             d_gate = torch.ops.aten.silu_backward(grad * h_up, h_gate)
         if ctx.needs_input_grad[1]:
             d_up = s.mul_(grad)
         return d_gate, d_up, None
+
+
+def _swiglu_backward_in_place(h_gate: torch.Tensor, h_up: torch.Tensor, grad: torch.Tensor,
+                              silu_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`_gated_mul_backward_in_place` for silu(h_gate) * h_up: d_gate over h_gate, d_up over
+    grad, the recomputed silu in a new buffer or ``silu_out``."""
+    s = F.silu(h_gate) if silu_out is None else torch.ops.aten.silu.out(h_gate, out=silu_out)
+    d_s = h_up.mul_(grad)  # grad * up; up is dead
+    d_up = grad.mul_(s)
+    torch.ops.aten.silu_backward.grad_input(d_s, h_gate, grad_input=h_gate)
+    return h_gate, d_up
 
 
 def swiglu_mul(h_gate: torch.Tensor, h_up: torch.Tensor, reuse_buffers: bool = False) -> torch.Tensor:
@@ -119,6 +130,29 @@ def swiglu_mul(h_gate: torch.Tensor, h_up: torch.Tensor, reuse_buffers: bool = F
     return _SwiGLU.apply(h_gate, h_up, reuse_buffers)
 
 
+def _gated_mul_into(out: torch.Tensor, h_gate: torch.Tensor, h_up: torch.Tensor) -> torch.Tensor:
+    """x1 * silu(x2) * up written into ``out`` [..., I]: the products of :class:`_GatedMul`'s forward."""
+    x1, x2 = h_gate.chunk(2, dim=-1)
+    return torch.ops.aten.silu.out(x2, out=out).mul_(x1).mul_(h_up)
+
+
+def _swiglu_into(out: torch.Tensor, h_gate: torch.Tensor, h_up: torch.Tensor) -> torch.Tensor:
+    """silu(h_gate) * h_up written into ``out``: the products of :class:`_SwiGLU`'s forward."""
+    return torch.ops.aten.silu.out(h_gate, out=out).mul_(h_up)
+
+
+@dataclass(frozen=True)
+class HiddenKernels:
+    """The fused hidden as plain kernels for a caller that owns every buffer (the expert MLP's one
+    autograd function): ``forward_into(out, h_gate, h_up)``; ``backward_in_place(h_gate, h_up, grad,
+    silu_out)`` -> (d_gate over h_gate, d_up over grad), the recomputed silu written into silu_out."""
+
+    forward_into: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    backward_in_place: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
 # Expert activation by name: the gate projection is GATE_WIDTH[name] x the FFN width.
 EXPERT_ACTIVATIONS = {"openmoe": gated_mul, "swiglu": swiglu_mul}
+HIDDEN_KERNELS = {"openmoe": HiddenKernels(_gated_mul_into, _gated_mul_backward_in_place),
+                  "swiglu": HiddenKernels(_swiglu_into, _swiglu_backward_in_place)}
 GATE_WIDTH = {"openmoe": 2, "swiglu": 1}

@@ -24,6 +24,11 @@ TP, PP, EP = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
 Z = "--use-distributed-optimizer"
 BIG = ["--global-batch-size", "16"]  # 16 samples per step: enough for DP 2-8 at micro-batch 2
 LOSS_KEYS = ("lm_loss", "aux_loss", "z_loss", "grad_norm")
+# The load-balancing loss counts tokens per expert (integers). A token whose k-th and (k+1)-th router
+# scores are a near-tie can pick the other expert under another layout's summation order, moving the
+# aux loss by ~E * |P_a - P_b| / (tokens * k) of itself: 1.2e-5..3.2e-5 measured on an AVX-512 CPU
+# (world-8 layouts, openmoe-tiny), where lm loss, z loss and grad norm stayed within 1e-5.
+AUX_FLIP_REL = 1e-4
 TINY_ITERS = 10  # --train-iters in TINY_ARGS
 
 Records = Sequence[dict[str, Any]]
@@ -52,7 +57,8 @@ def assert_same_losses(a_recs: Records, b_recs: Records, rel: float = 1e-5, n: i
         assert len(a_recs) == n
     for a, b in zip(a_recs, b_recs):
         for key in keys:
-            assert b[key] == pytest.approx(a[key], rel=rel), (a["iteration"], key)
+            tolerance = max(rel, AUX_FLIP_REL) if key == "aux_loss" else rel
+            assert b[key] == pytest.approx(a[key], rel=tolerance), (a["iteration"], key)
 
 
 def assert_bitwise(a_recs: Records, b_recs: Records) -> None:

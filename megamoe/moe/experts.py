@@ -1,65 +1,23 @@
-"""Grouped expert MLP over rows sorted by local expert (``counts[e]`` rows for expert e): each
-projection is ONE ``torch._grouped_mm`` over all experts (CPU fp32, CUDA bf16 on sm90+), or one GEMM
-per expert's contiguous slice (reference and fallback); neither gathers with masks."""
+"""Grouped expert MLP over rows sorted by local expert (``counts[e]`` rows for expert e): the module
+and its parameters. The MLP runs as one autograd function (moe/expert_mlp.py); FP8 projections and
+the plain ``grouped_mm`` run one function per projection here. Every GEMM is one torch._grouped_mm
+over all experts or one GEMM per expert's contiguous slice (moe/group_gemm.py); none gathers with
+masks."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
 from torch import nn
 
+from megamoe.moe.expert_mlp import expert_mlp
 from megamoe.moe.fp8 import FP8GroupMM, FP8Recipe, ProjectionFP8, scales_from_history
 from megamoe.moe.fp8_te import TEProjection, te_expert_mlp
+from megamoe.moe.group_gemm import GroupGemm, group_gemm
 from megamoe.ops import EXPERT_ACTIVATIONS, GATE_WIDTH
 from megamoe.params import expert, expert_state, relabel_experts
-
-
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch._grouped_mm runs for these operands (checked, not assumed)."""
-    if not hasattr(torch, "_grouped_mm") or device.type not in ("cpu", "cuda"):
-        return False
-    if device.type == "cpu":
-        return dtype in (torch.float32, torch.bfloat16)
-    return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-@dataclass(frozen=True)
-class GroupGemm:
-    """Per-group GEMMs (no autograd) for rows sorted by group: ``offs`` [G] int32 cumulative row
-    ends for ONE torch._grouped_mm per product, or ``bounds`` [(lo, hi)] on the host for one GEMM per
-    group written straight into its rows of one output (no cat)."""
-
-    offs: torch.Tensor | None = None
-    bounds: list[tuple[int, int]] | None = None
-
-    def mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x: [N, K], w: [G, K, M] -> [N, M], rows of group g times w[g]."""
-        if self.offs is not None:
-            return torch._grouped_mm(x, w, offs=self.offs)
-        y = x.new_empty(x.shape[0], w.shape[-1])
-        for g, (lo, hi) in enumerate(self.bounds):
-            if hi > lo:
-                torch.mm(x[lo:hi], w[g], out=y[lo:hi])
-        return y
-
-    def wgrad(self, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-        """x: [N, K], dy: [N, M] -> [G, K, M], x_g^T dy_g (zero for an empty group)."""
-        if self.offs is not None:
-            dw = torch._grouped_mm(x.t(), dy, offs=self.offs)
-            if dw.device.type != "cpu":  # some GPU kernels leave an empty group's gradient unwritten
-                empty = torch.diff(self.offs, prepend=self.offs.new_zeros(1)) == 0
-                dw.masked_fill_(empty[:, None, None], 0)  # no host sync
-            return dw
-        dw = x.new_empty(len(self.bounds), x.shape[1], dy.shape[1])
-        for g, (lo, hi) in enumerate(self.bounds):
-            if hi > lo:
-                torch.mm(x[lo:hi].t(), dy[lo:hi], out=dw[g])
-            else:
-                dw[g].zero_()
-        return dw
 
 
 class _GroupMM(torch.autograd.Function):
@@ -87,20 +45,6 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, grouped: 
                ) -> torch.Tensor:
     """x: [N, K] rows sorted by group, w: [G, K, M], counts: [G] rows per group -> [N, M]."""
     return _grouped_mm_fn(x, counts, grouped)(x, w)
-
-
-def group_gemm(x: torch.Tensor, counts: torch.Tensor, grouped: bool, dtype: torch.dtype,
-               sizes: list[int] | None = None) -> GroupGemm:
-    """The kernels for rows laid out like ``x`` with ``counts``: grouped when torch._grouped_mm runs
-    for ``dtype`` here, else a loop over the host ``sizes`` (read from ``counts`` when not given:
-    a host sync)."""
-    if grouped and x.shape[0] > 0 and grouped_mm_supported(x.device, dtype):
-        return GroupGemm(offs=torch.cumsum(counts, 0).to(torch.int32))
-    sizes = counts.tolist() if sizes is None else sizes
-    if sum(sizes) != x.shape[0]:
-        raise ValueError(f"counts sum to {sum(sizes)}, x has {x.shape[0]} rows")
-    ends = list(accumulate(sizes))
-    return GroupGemm(bounds=list(zip([0, *ends[:-1]], ends)))
 
 
 def _grouped_mm_fn(x: torch.Tensor, counts: torch.Tensor, grouped: bool, sizes: list[int] | None = None,
@@ -132,8 +76,8 @@ class GroupedExperts(nn.Module):
                  activation: str = "openmoe") -> None:
         super().__init__()
         n = len(expert_ids)
-        self.grouped, self.fp8 = grouped, fp8
-        self.act = EXPERT_ACTIVATIONS[activation]  # (h_gate, h_up) -> [N, I]
+        self.grouped, self.fp8, self.activation = grouped, fp8, activation
+        self.act = EXPERT_ACTIVATIONS[activation]  # (h_gate, h_up) -> [N, I] (the FP8 path's)
         # reduced over expert-DP, norms summed over EP; each slot drawn as its logical expert
         init = dict(expert_ids=expert_ids, truncated=truncated)
         self.wi_gate = expert(nn.Parameter(torch.empty(n, hidden, GATE_WIDTH[activation] * ffn)), std=std,
@@ -161,10 +105,8 @@ class GroupedExperts(nn.Module):
         """x: [N, H] sorted by local expert, counts: [E_local] (sizes: the same on the host) -> [N, H]."""
         if self.fp8 is not None:
             return self._forward_fp8(x, counts, sizes)
-        mm = _grouped_mm_fn(x, counts, self.grouped, sizes)
-        # the hidden's inputs and gradient are this MLP's own GEMM outputs: its backward reuses them
-        hidden = self.act(mm(x, self.wi_gate), mm(x, self.wi_up), reuse_buffers=True)  # [N, I]
-        return mm(hidden, self.wo)
+        return expert_mlp(x, self.wi_gate, self.wi_up, self.wo, counts, sizes, self.grouped,
+                          self.activation)
 
     def _forward_fp8(self, x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None) -> torch.Tensor:
         """The same MLP with FP8 projections; rows padded per expert to --moe-router-padding-for-fp8's

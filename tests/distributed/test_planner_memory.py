@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megamoe.arguments import parse_args
+from megamoe.buffer_pool import EXPERT_BUFFERS
 from megamoe.planner.memory import chunk_activation_bytes, data_parallel_sizes, pipeline_peak, state_bytes
 from tests.conftest import EP, PP, TP, Z, train_and_inspect
 from tests.harness import TINY_ARGS, run_ranks
@@ -113,6 +114,7 @@ def _saved_per_chunk(rank: int, world: int, argv: list[str]) -> list[tuple[int, 
     from megamoe.parallel.mesh import ParallelMesh
     from megamoe.training.run import build_model
 
+    EXPERT_BUFFERS.clear()  # buffers a forked rank inherited are sized for another test's model
     cfg = parse_args(argv)
     mesh = ParallelMesh.from_config(cfg.parallel, world, rank)
     mesh.build_groups()
@@ -208,6 +210,7 @@ def _train_metered(rank: int, world: int, argv: list[str]) -> tuple[dict[str, An
         return record
 
     loop.Trainer.train_step = metered
+    EXPERT_BUFFERS.clear()  # as in _saved_per_chunk
     try:
         return train_and_inspect(rank, world, argv, _peak_over_step)
     finally:

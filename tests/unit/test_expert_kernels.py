@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from megamoe.model.init import init_model_weights
 from megamoe.model.layers import GatedMLP
-from megamoe.moe.experts import GroupedExperts, grouped_mm, grouped_mm_supported
+from megamoe.moe.experts import GroupedExperts, grouped_mm
+from megamoe.moe.group_gemm import grouped_mm_supported
 from megamoe.ops import gated_act, gated_mul
 
 H, FFN, E = 16, 24, 4

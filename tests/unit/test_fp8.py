@@ -4,7 +4,7 @@ grouped == looped, padding, and the FP8 expert MLP against fp32 (SQNR thresholds
 import pytest
 import torch
 
-from megamoe.moe.experts import GroupGemm, _GroupMM
+from megamoe.moe.experts import _GroupMM
 from megamoe.moe.fp8 import (
     E4M3,
     E5M2,
@@ -20,6 +20,7 @@ from megamoe.moe.fp8 import (
     quantize_weight_blocks,
     scales_from_history,
 )
+from megamoe.moe.group_gemm import GroupGemm
 from tests.conftest import fp8_experts, run_experts
 
 RECIPES = ["delayed", "tensorwise", "blockwise"]
@@ -118,7 +119,9 @@ def test_padding_rows_change_nothing(recipe):
     assert torch.allclose(y1, y2, rtol=1e-6, atol=1e-7) and torch.allclose(dx1, dx2, rtol=1e-6, atol=1e-7)
     assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(dw1, dw2))
     if recipe == "delayed":
-        assert torch.equal(plain.fp8_amax_history, padded.fp8_amax_history)  # zero rows add no amax
+        # zero rows add no amax; the GEMMs over more rows may round differently (1 ulp on AVX-512 MKL)
+        assert torch.allclose(plain.fp8_amax_history, padded.fp8_amax_history, rtol=1e-6, atol=0)
+        assert (plain.fp8_amax_history > 0).sum() == (padded.fp8_amax_history > 0).sum()
 
 
 def _sqnr(reference, test):
