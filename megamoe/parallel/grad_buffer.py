@@ -147,6 +147,7 @@ class GradBuffer:
         self.data = torch.zeros(self._persistent_numel(), dtype=torch.float32, device=device)
         self.memory = memory
         memory.add(self.data.numel() * 4)
+        self.written: set[int] = set()  # ids of the parameters whose gradient this step is in data
         for bucket in layout.buckets:
             for p in bucket.params:
                 p.register_post_accumulate_grad_hook(self._make_hook(bucket, p))
@@ -169,13 +170,29 @@ class GradBuffer:
             bucket.delivered, bucket.work, bucket.reduced = 0, None, None
 
     def zero(self) -> None:
-        self.data.zero_()
+        """Start the next step's gradients without a pass over the buffer: each parameter's first
+        gradient of a step is copied in, later ones added; a parameter that got none is zeroed before
+        its bucket is reduced (:meth:`_zero_missing`). The padding between buckets' parameters is never
+        written with anything but zeros (reductions of zeros)."""
+        self.written.clear()
+
+    def _zero_missing(self, bucket: Bucket) -> None:
+        for p in bucket.params:
+            if id(p) not in self.written:
+                start = self.layout.offsets[id(p)]
+                self.data[start:start + p.numel()].zero_()
+                self.written.add(id(p))
 
     def _make_hook(self, bucket: Bucket, p: nn.Parameter):
         start = self.layout.offsets[id(p)]
 
         def hook(param: torch.Tensor) -> None:
-            self.data[start:start + param.numel()].add_(param.grad.reshape(-1))
+            region, grad = self.data[start:start + param.numel()], param.grad.reshape(-1)
+            if id(param) in self.written:
+                region.add_(grad)
+            else:  # one read and one write instead of zeroing and adding
+                region.copy_(grad)
+                self.written.add(id(param))
             param.grad = None  # the buffer holds it now: no second full-size gradient
             bucket.delivered += 1
             if self.overlap and bucket.delivered == self.expected_per_param * len(bucket.params):
@@ -194,6 +211,7 @@ class GradBuffer:
 
     def _reduce(self, bucket: Bucket, async_op: bool) -> None:
         """forward: sum the bucket over the replicas (all-reduce, or reduce-scatter when sharded)."""
+        self._zero_missing(bucket)
         if self.layout.group is None:
             bucket.work = True
             return
