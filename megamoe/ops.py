@@ -1,4 +1,6 @@
-"""Fused element-wise kernels shared by the dense MLP and the experts (no megamoe imports)."""
+"""Fused element-wise kernels shared by the dense MLP and the experts. fp32 contiguous operands on the
+CPU run the C kernels of megamoe/cpu_kernels.py where they built; everything else (and the fallback)
+runs the PyTorch ops below."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from megamoe import cpu_kernels
 
 
 def gated_act(h: torch.Tensor) -> torch.Tensor:
@@ -34,6 +38,8 @@ class _GatedMul(torch.autograd.Function):
         x1, x2 = h_gate.chunk(2, dim=-1)
         ctx.save_for_backward(h_gate, h_up)
         ctx.reuse_buffers = reuse_buffers
+        if cpu_kernels.usable(h_gate, h_up):
+            return _gated_mul_into(torch.empty_like(h_up), h_gate, h_up)
         return F.silu(x2).mul_(x1).mul_(h_up)
 
     @staticmethod
@@ -68,6 +74,9 @@ def _gated_mul_backward_in_place(h_gate: torch.Tensor, h_up: torch.Tensor, grad:
     """d_gate into h_gate's buffer, d_up into grad's; one new [N, I] buffer (silu(x2)), or
     ``silu_out``'s. On the CPU every buffer of >= 32 MiB is a fresh mmap that page-faults on first
     touch, so each one not allocated is ~12 ms per 32 MiB (bench/README.md, "Expert MLP kernels")."""
+    if cpu_kernels.usable(h_gate, h_up, grad):  # one pass; silu_out unused
+        cpu_kernels.run("gated_backward", h_gate, h_up, grad, h_up.shape[-1])
+        return h_gate, grad
     x1, x2 = h_gate.chunk(2, dim=-1)
     s = F.silu(x2) if silu_out is None else torch.ops.aten.silu.out(x2, out=silu_out)
     d_a = h_up.mul_(grad)  # d(x1 * silu(x2)) = grad * up; up is dead
@@ -94,6 +103,8 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx, h_gate: torch.Tensor, h_up: torch.Tensor, reuse_buffers: bool) -> torch.Tensor:
         ctx.save_for_backward(h_gate, h_up)
         ctx.reuse_buffers = reuse_buffers
+        if cpu_kernels.usable(h_gate, h_up):
+            return _swiglu_into(torch.empty_like(h_up), h_gate, h_up)
         return F.silu(h_gate).mul_(h_up)
 
     @staticmethod
@@ -115,6 +126,9 @@ def _swiglu_backward_in_place(h_gate: torch.Tensor, h_up: torch.Tensor, grad: to
                               silu_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`_gated_mul_backward_in_place` for silu(h_gate) * h_up: d_gate over h_gate, d_up over
     grad, the recomputed silu in a new buffer or ``silu_out``."""
+    if cpu_kernels.usable(h_gate, h_up, grad):  # one pass; silu_out unused
+        cpu_kernels.run("swiglu_backward", h_gate, h_up, grad, h_up.shape[-1])
+        return h_gate, grad
     s = F.silu(h_gate) if silu_out is None else torch.ops.aten.silu.out(h_gate, out=silu_out)
     d_s = h_up.mul_(grad)  # grad * up; up is dead
     d_up = grad.mul_(s)
@@ -132,12 +146,18 @@ def swiglu_mul(h_gate: torch.Tensor, h_up: torch.Tensor, reuse_buffers: bool = F
 
 def _gated_mul_into(out: torch.Tensor, h_gate: torch.Tensor, h_up: torch.Tensor) -> torch.Tensor:
     """x1 * silu(x2) * up written into ``out`` [..., I]: the products of :class:`_GatedMul`'s forward."""
+    if cpu_kernels.usable(out, h_gate, h_up):
+        cpu_kernels.run("gated_forward", h_gate, h_up, out, h_up.shape[-1])
+        return out
     x1, x2 = h_gate.chunk(2, dim=-1)
     return torch.ops.aten.silu.out(x2, out=out).mul_(x1).mul_(h_up)
 
 
 def _swiglu_into(out: torch.Tensor, h_gate: torch.Tensor, h_up: torch.Tensor) -> torch.Tensor:
     """silu(h_gate) * h_up written into ``out``: the products of :class:`_SwiGLU`'s forward."""
+    if cpu_kernels.usable(out, h_gate, h_up):
+        cpu_kernels.run("swiglu_forward", h_gate, h_up, out, h_up.shape[-1])
+        return out
     return torch.ops.aten.silu.out(h_gate, out=out).mul_(h_up)
 
 

@@ -36,6 +36,14 @@ Records = Sequence[dict[str, Any]]
 
 # Session scope: the reference runs are deterministic and only read, so every file shares one copy.
 # A module may still define its own fixture of the same name (that one wins there).
+@pytest.fixture
+def torch_ops_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused hidden's PyTorch ops (the fallback), not the C kernels of megamoe/cpu_kernels.py."""
+    from megamoe import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+
+
 @pytest.fixture(scope="session")
 def single() -> list[dict[str, Any]]:
     """openmoe-tiny on one process with TINY_ARGS: the per-iteration records (do not modify)."""

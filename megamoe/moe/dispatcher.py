@@ -147,17 +147,33 @@ class _Unpermute(torch.autograd.Function):
     def forward(ctx, y: torch.Tensor, weight: torch.Tensor, token_idx: torch.Tensor, num_tokens: int,
                 ) -> torch.Tensor:
         ctx.save_for_backward(y, weight, token_idx)
-        weighted = y * weight.unsqueeze(-1)  # [N, H]
-        return y.new_zeros(num_tokens, y.shape[-1]).index_add_(0, token_idx, weighted)
+        out = y.new_zeros(num_tokens, y.shape[-1])  # [T, H]
+        for lo, hi in _row_blocks(y):  # weighted rows [rows, H] one block at a time; same order of sums
+            out.index_add_(0, token_idx[lo:hi], y[lo:hi] * weight[lo:hi].unsqueeze(-1))
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         y, weight, token_idx = ctx.saved_tensors
         grad_rows = grad.index_select(0, token_idx)  # [N, H]
-        d_weight = torch.linalg.vecdot(grad_rows, y) if ctx.needs_input_grad[1] else None  # [N]
+        d_weight = None
+        if ctx.needs_input_grad[1]:
+            d_weight = y.new_empty(y.shape[0])  # [N]
+            for lo, hi in _row_blocks(y):
+                torch.linalg.vecdot(grad_rows[lo:hi], y[lo:hi], out=d_weight[lo:hi])
         d_y = grad_rows.mul_(weight.unsqueeze(-1)) if ctx.needs_input_grad[0] else None
         return d_y, d_weight, None, None
+
+
+def _row_blocks(x: torch.Tensor, block_bytes: int = 1 << 20) -> list[tuple[int, int]]:
+    """Row ranges of ~1 MiB of ``x`` [N, H]: a temporary of one block comes from the allocator's heap,
+    while one of all N rows (>= 32 MiB on the CPU: a fresh mmap) page-faults on first touch. One block
+    on other devices (their caching allocators reuse memory; blocks would only add launches)."""
+    if x.device.type != "cpu":
+        return [(0, x.shape[0])] if x.shape[0] else []
+    rows = max(1, block_bytes // max(1, x.shape[-1] * x.element_size()))
+    return [(lo, min(lo + rows, x.shape[0])) for lo in range(0, x.shape[0], rows)]
 
 
 def unpermute(y: torch.Tensor, perm: Permutation, num_tokens: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from megamoe import cpu_kernels
 from megamoe.buffer_pool import EXPERT_BUFFERS, BufferPool
 from megamoe.moe.group_gemm import GroupGemm, group_gemm
 from megamoe.ops import HIDDEN_KERNELS, HiddenKernels
@@ -63,9 +64,12 @@ class _ExpertMLP(torch.autograd.Function):
             dx = d_wi_gate = d_wi_up = None
             if need_x or need_gate or need_up:
                 d_hidden = _mm_into(gemm, dy, wo.transpose(1, 2), pool)  # [N, I]
-                silu_out = pool.take(d_hidden.shape, d_hidden.dtype, d_hidden.device)
+                # the C kernels (cpu_kernels.py) need no buffer for the recomputed silu
+                silu_out = None if cpu_kernels.usable(h_gate, h_up, d_hidden) else pool.take(
+                    d_hidden.shape, d_hidden.dtype, d_hidden.device)
                 d_gate, d_up = ctx.kernels.backward_in_place(h_gate, h_up, d_hidden, silu_out)
-                pool.give(silu_out)
+                if silu_out is not None:
+                    pool.give(silu_out)
                 if need_x:
                     dx = gemm.mm(d_gate, wi_gate.transpose(1, 2))
                     gemm.mm(d_up, wi_up.transpose(1, 2), out=dx, accumulate=True)

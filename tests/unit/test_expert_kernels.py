@@ -26,7 +26,7 @@ def test_gated_mul_gradcheck_float64():
 
 
 @pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
-def test_gated_mul_matches_unfused_bit_for_bit(needs):
+def test_gated_mul_matches_unfused_bit_for_bit(needs, torch_ops_only):
     torch.manual_seed(1)
     g0, u0 = torch.randn(37, 2 * FFN) * 3, torch.randn(37, FFN)
     dy = torch.randn(37, FFN)
@@ -177,7 +177,7 @@ def _owned_inputs(gate_width: int, seed: int) -> tuple[torch.Tensor, ...]:
 
 
 @pytest.mark.parametrize("name", ["openmoe", "swiglu"])
-def test_reuse_buffers_writes_gradients_over_the_inputs_and_matches(name):
+def test_reuse_buffers_writes_gradients_over_the_inputs_and_matches(name, torch_ops_only):
     """reuse_buffers: the gradients land in h_gate's and the upstream gradient's buffers (no new
     [N, 2I] / [N, I] tensors) and equal the allocating path's: d_gate bit for bit, d_up bit for bit for
     SwiGLU and within one rounding for OpenMoE ((grad * x1) * s instead of grad * (x1 * s))."""
@@ -252,3 +252,50 @@ def test_rmsnorm_function_matches_the_formula_and_gradcheck():
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(norm.weight.grad, wr.grad, rtol=1e-5, atol=1e-5)
     assert norm(x.detach().bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["openmoe", "swiglu"])
+def test_c_kernels_match_the_torch_ops(name, monkeypatch):
+    """megamoe/cpu_kernels.py's one-pass hidden against the PyTorch fallback, forward and in-place
+    backward, with large, zero and infinite pre-activations: equal to a rounding, inf / nan alike."""
+    from megamoe import cpu_kernels
+    from megamoe.ops import HIDDEN_KERNELS
+
+    if cpu_kernels.library() is None:
+        pytest.skip(cpu_kernels.status)
+    kernels, width = HIDDEN_KERNELS[name], 2 if name == "openmoe" else 1
+    torch.manual_seed(11)
+    h_gate, h_up, grad = torch.randn(37, width * FFN) * 4, torch.randn(37, FFN), torch.randn(37, FFN)
+    h_gate[0, -4:] = torch.tensor([-1e4, 1e4, float("inf"), 0.0])
+    results = []
+    for enabled in (False, True):
+        monkeypatch.setattr(cpu_kernels, "ENABLED", enabled)
+        assert cpu_kernels.usable(h_gate) == enabled
+        a, b, c = h_gate.clone(), h_up.clone(), grad.clone()
+        y = kernels.forward_into(torch.empty_like(b), a, b)
+        d_gate, d_up = kernels.backward_in_place(a, b, c, torch.empty_like(b))
+        results.append((y, d_gate.clone(), d_up.clone()))
+    for torch_result, c_result in zip(*results):
+        torch.testing.assert_close(c_result, torch_result, rtol=2e-6, atol=1e-6, equal_nan=True)
+
+
+def test_c_kernels_are_skipped_for_non_contiguous_or_bf16_operands():
+    from megamoe import cpu_kernels
+
+    x = torch.randn(4, 6)
+    assert not cpu_kernels.usable(x.t()) and not cpu_kernels.usable(x.bfloat16())
+
+
+def test_c_kernels_unavailable_without_a_compiler_fall_back(monkeypatch, tmp_path):
+    """No compiler: library() is None with a reason, and the fused hidden still runs (PyTorch ops)."""
+    from megamoe import cpu_kernels
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("MEGAMOE_CACHE_DIR", str(tmp_path))
+    cpu_kernels._build.cache_clear()
+    try:
+        assert cpu_kernels.library() is None and "failed to run" in cpu_kernels.status
+        h_gate, h_up = _owned_inputs(2, 12)[2:]
+        gated_mul(h_gate, h_up, reuse_buffers=True).sum().backward()  # runs, through PyTorch ops
+    finally:
+        cpu_kernels._build.cache_clear()
