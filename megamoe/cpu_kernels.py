@@ -78,13 +78,18 @@ def library() -> ctypes.CDLL | None:
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels run for these operands: fp32, contiguous, on the CPU, and the library
-    loaded. They write through data pointers, so call them only where autograd is not tracking (inside
-    an autograd function's forward or backward)."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-               for t in tensors) and library() is not None
+    """Whether the kernels run for these operands: fp32 on the CPU, and the library loaded. Whatever
+    the strides: the caller makes them contiguous, so every fp32 CPU call computes the same products
+    the same way (a layout whose gradient arrives strided must not round differently). They write
+    through data pointers, so call them only where autograd is not tracking (inside an autograd
+    function's forward or backward)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) \
+        and library() is not None
 
 
 def run(name: str, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, width: int) -> None:
-    """``name``(a, b, c, rows, width) on the data pointers; rows = c's elements / width."""
+    """``name``(a, b, c, rows, width) on the data pointers (all contiguous); rows = c's elements /
+    width."""
+    if not (a.is_contiguous() and b.is_contiguous() and c.is_contiguous()):
+        raise ValueError(f"{name}: the C kernels take contiguous operands")
     getattr(library(), name)(a.data_ptr(), b.data_ptr(), c.data_ptr(), c.numel() // width, width)

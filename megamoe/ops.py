@@ -39,7 +39,7 @@ class _GatedMul(torch.autograd.Function):
         ctx.save_for_backward(h_gate, h_up)
         ctx.reuse_buffers = reuse_buffers
         if cpu_kernels.usable(h_gate, h_up):
-            return _gated_mul_into(torch.empty_like(h_up), h_gate, h_up)
+            return _gated_mul_into(h_up.new_empty(h_up.shape), h_gate, h_up)
         return F.silu(x2).mul_(x1).mul_(h_up)
 
     @staticmethod
@@ -48,6 +48,8 @@ class _GatedMul(torch.autograd.Function):
         h_gate, h_up = ctx.saved_tensors
         if ctx.reuse_buffers and all(ctx.needs_input_grad[:2]) and _owned(grad, h_up):
             return (*_gated_mul_backward_in_place(h_gate, h_up, grad), None)
+        if cpu_kernels.usable(h_gate, h_up, grad):  # the same C kernel on copies
+            return (*_needed(ctx, _gated_mul_backward_in_place(_copy(h_gate), h_up, _copy(grad))), None)
         x1, x2 = h_gate.chunk(2, dim=-1)
         s = F.silu(x2)  # recomputed (not saved); becomes d_up's buffer
         d_gate = d_up = None
@@ -69,14 +71,31 @@ def _owned(grad: torch.Tensor, like: torch.Tensor) -> bool:
     return grad.shape == like.shape and grad.is_contiguous() and grad.dtype == like.dtype
 
 
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy the C kernels may overwrite."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _needed(ctx, grads: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+
+
+def _contiguous_in_place(kernel: str, h_gate: torch.Tensor, h_up: torch.Tensor, grad: torch.Tensor,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C backward over h_gate and grad (their contiguous copies where strided), up only read."""
+    gate_buf = h_gate if h_gate.is_contiguous() else h_gate.contiguous()
+    grad_buf = grad if grad.is_contiguous() else grad.contiguous()
+    cpu_kernels.run(kernel, gate_buf, h_up.contiguous(), grad_buf, h_up.shape[-1])
+    return gate_buf, grad_buf
+
+
 def _gated_mul_backward_in_place(h_gate: torch.Tensor, h_up: torch.Tensor, grad: torch.Tensor,
                                  silu_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """d_gate into h_gate's buffer, d_up into grad's; one new [N, I] buffer (silu(x2)), or
     ``silu_out``'s. On the CPU every buffer of >= 32 MiB is a fresh mmap that page-faults on first
     touch, so each one not allocated is ~12 ms per 32 MiB (bench/README.md, "Expert MLP kernels")."""
     if cpu_kernels.usable(h_gate, h_up, grad):  # one pass; silu_out unused
-        cpu_kernels.run("gated_backward", h_gate, h_up, grad, h_up.shape[-1])
-        return h_gate, grad
+        return _contiguous_in_place("gated_backward", h_gate, h_up, grad)
     x1, x2 = h_gate.chunk(2, dim=-1)
     s = F.silu(x2) if silu_out is None else torch.ops.aten.silu.out(x2, out=silu_out)
     d_a = h_up.mul_(grad)  # d(x1 * silu(x2)) = grad * up; up is dead
@@ -104,7 +123,7 @@ class _SwiGLU(torch.autograd.Function):
         ctx.save_for_backward(h_gate, h_up)
         ctx.reuse_buffers = reuse_buffers
         if cpu_kernels.usable(h_gate, h_up):
-            return _swiglu_into(torch.empty_like(h_up), h_gate, h_up)
+            return _swiglu_into(h_up.new_empty(h_up.shape), h_gate, h_up)
         return F.silu(h_gate).mul_(h_up)
 
     @staticmethod
@@ -113,6 +132,8 @@ class _SwiGLU(torch.autograd.Function):
         h_gate, h_up = ctx.saved_tensors
         if ctx.reuse_buffers and all(ctx.needs_input_grad[:2]) and _owned(grad, h_up):
             return (*_swiglu_backward_in_place(h_gate, h_up, grad), None)
+        if cpu_kernels.usable(h_gate, h_up, grad):
+            return (*_needed(ctx, _swiglu_backward_in_place(_copy(h_gate), h_up, _copy(grad))), None)
         s = F.silu(h_gate)  # recomputed
         d_gate = d_up = None
         if ctx.needs_input_grad[0]:
@@ -127,8 +148,7 @@ def _swiglu_backward_in_place(h_gate: torch.Tensor, h_up: torch.Tensor, grad: to
     """As :func:`_gated_mul_backward_in_place` for silu(h_gate) * h_up: d_gate over h_gate, d_up over
     grad, the recomputed silu in a new buffer or ``silu_out``."""
     if cpu_kernels.usable(h_gate, h_up, grad):  # one pass; silu_out unused
-        cpu_kernels.run("swiglu_backward", h_gate, h_up, grad, h_up.shape[-1])
-        return h_gate, grad
+        return _contiguous_in_place("swiglu_backward", h_gate, h_up, grad)
     s = F.silu(h_gate) if silu_out is None else torch.ops.aten.silu.out(h_gate, out=silu_out)
     d_s = h_up.mul_(grad)  # grad * up; up is dead
     d_up = grad.mul_(s)
@@ -147,8 +167,9 @@ def swiglu_mul(h_gate: torch.Tensor, h_up: torch.Tensor, reuse_buffers: bool = F
 def _gated_mul_into(out: torch.Tensor, h_gate: torch.Tensor, h_up: torch.Tensor) -> torch.Tensor:
     """x1 * silu(x2) * up written into ``out`` [..., I]: the products of :class:`_GatedMul`'s forward."""
     if cpu_kernels.usable(out, h_gate, h_up):
-        cpu_kernels.run("gated_forward", h_gate, h_up, out, h_up.shape[-1])
-        return out
+        target = out if out.is_contiguous() else out.new_empty(out.shape)
+        cpu_kernels.run("gated_forward", h_gate.contiguous(), h_up.contiguous(), target, h_up.shape[-1])
+        return target if target is out else out.copy_(target)
     x1, x2 = h_gate.chunk(2, dim=-1)
     return torch.ops.aten.silu.out(x2, out=out).mul_(x1).mul_(h_up)
 
@@ -156,8 +177,9 @@ def _gated_mul_into(out: torch.Tensor, h_gate: torch.Tensor, h_up: torch.Tensor)
 def _swiglu_into(out: torch.Tensor, h_gate: torch.Tensor, h_up: torch.Tensor) -> torch.Tensor:
     """silu(h_gate) * h_up written into ``out``: the products of :class:`_SwiGLU`'s forward."""
     if cpu_kernels.usable(out, h_gate, h_up):
-        cpu_kernels.run("swiglu_forward", h_gate, h_up, out, h_up.shape[-1])
-        return out
+        target = out if out.is_contiguous() else out.new_empty(out.shape)
+        cpu_kernels.run("swiglu_forward", h_gate.contiguous(), h_up.contiguous(), target, h_up.shape[-1])
+        return target if target is out else out.copy_(target)
     return torch.ops.aten.silu.out(h_gate, out=out).mul_(h_up)
 
 

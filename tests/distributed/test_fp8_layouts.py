@@ -25,12 +25,16 @@ def fp8_single():
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_fp8_training_is_layout_invariant(fp8_single, recipe, layout):
-    """Losses to 1e-5. The gradient norm to 1e-3 only: an expert input that differs in the 7th digit
-    between layouts (attention sums in another order) can round to the neighbouring FP8 value, 12%
-    away, and such flips reach the norm's 5th digit; the scales themselves are the same."""
+    """Losses to 1e-5 (blockwise: 3e-5, as under DP 3 below). The gradient norm to 1e-3 only: an
+    expert input that differs in the 7th digit between layouts (attention sums in another order) can
+    round to the neighbouring FP8 value, 12% away, and such flips reach the norm's 5th digit; the
+    scales themselves are the same. Blockwise rounds every 1 x 128 tile of every operand, so it flips
+    most: TP2+SP reached 1.8e-5 in z loss by step 8 with the C hidden kernels (5.8e-6 with PyTorch's
+    silu, whose last bits differ: which values sit at an FP8 boundary moves)."""
     world, extra = LAYOUTS[layout]
     records = train_losses(world, RECIPES[recipe] + extra)
-    assert_same_losses(fp8_single[recipe], records, rel=1e-5, keys=("lm_loss", "aux_loss", "z_loss"))
+    assert_same_losses(fp8_single[recipe], records, rel=1e-5 if recipe == "delayed" else 3e-5,
+                       keys=("lm_loss", "aux_loss", "z_loss"))
     assert_same_losses(fp8_single[recipe], records, rel=1e-3, keys=("grad_norm",))
 
 
