@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megamoe import cpu_kernels
 from megamoe.arguments import parse_args
 from megamoe.config import Config, ConfigError, stage_layer_ranges
 from megamoe.data.errors import DataError
@@ -136,6 +137,9 @@ def pretrain(cfg: Config, mesh: ParallelMesh, device: torch.device | None = None
     counts = count_parameters(cfg)
     logger.info(f" > {mesh.describe()}")
     logger.info(f" > parameters: {counts['total']:,} total, {counts['active']:,} active per token")
+    if device.type == "cpu":
+        cpu_kernels.library()  # built (once, cached) before the first step, not inside it
+        logger.info(f" > CPU expert hidden kernels: {cpu_kernels.status}")
     peak = cfg.train.peak_tflops or measure_peak_tflops(
         device, torch.bfloat16 if cfg.train.bf16 and device.type == "cuda" else torch.float32)
     p2p = None
